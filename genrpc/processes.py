@@ -1,0 +1,89 @@
+"""Child processes for `genrpc up` (and the test fixtures): start, wait until ready, stop cleanly."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+
+class ChildDied(RuntimeError):
+    pass
+
+
+@dataclass
+class Child:
+    name: str
+    process: subprocess.Popen
+    log_path: str | None = None
+    _log_file: object | None = field(default=None, repr=False)
+
+    def output_tail(self, lines: int = 60) -> str:
+        if not self.log_path:
+            return "(output went to the terminal)"
+        with open(self.log_path, errors="replace") as f:
+            return "".join(f.readlines()[-lines:])
+
+    def ensure_alive(self) -> None:
+        if self.process.poll() is not None:
+            raise ChildDied(f"{self.name} exited with code {self.process.returncode} before it was ready:\n"
+                            f"{self.output_tail()}")
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if self._log_file is not None:
+            self._log_file.close()
+
+
+def spawn(name: str, argv: list[str], *, env: dict[str, str] | None = None, log_path: str | None = None,
+          cwd: str | None = None) -> Child:
+    """Starts a child in its own process group (Ctrl-C in a terminal reaches only the parent, which then
+    stops the children in order)."""
+    log_file = open(log_path, "wb") if log_path else None  # noqa: SIM115 - closed by Child.stop
+    process = subprocess.Popen(argv, env={**os.environ, **(env or {})}, cwd=cwd, stdin=subprocess.DEVNULL,
+                               stdout=log_file, stderr=subprocess.STDOUT if log_file else None,
+                               start_new_session=True)
+    return Child(name, process, log_path, log_file)
+
+
+def wait_until(ready: Callable[[], bool], child: Child, timeout_s: float, what: str) -> None:
+    """Polls `ready` until it returns True; fails at once (with the child's output) if the child dies."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        child.ensure_alive()
+        try:
+            if ready():
+                return
+        except (OSError, grpc.RpcError, urllib.error.URLError):
+            pass
+        time.sleep(0.05)
+    raise TimeoutError(f"{child.name} was not {what} within {timeout_s:.0f} s:\n{child.output_tail()}")
+
+
+def grpc_serving(address: str) -> Callable[[], bool]:
+    def check() -> bool:
+        with grpc.insecure_channel(address) as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
+            return reply.status == health_pb2.HealthCheckResponse.SERVING
+    return check
+
+
+def http_ok(url: str) -> Callable[[], bool]:
+    def check() -> bool:
+        with urllib.request.urlopen(url, timeout=1) as response:
+            return response.status == 200
+    return check

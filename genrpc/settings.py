@@ -1,0 +1,88 @@
+"""The one typed settings object: every option is a CLI flag (`--grpc-port`) and an env var (`GENRPC_GRPC_PORT`).
+
+Precedence: CLI flag > environment > default. Nothing reads the environment at import time: a Settings
+object is built by `genrpc.cli` (or by a test) and passed down.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+from typing import Any, Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_MODEL_ID = "smollm2-135m-instruct"
+
+
+def default_cache_dir() -> pathlib.Path:
+    return pathlib.Path(os.environ.get("XDG_CACHE_HOME", pathlib.Path.home() / ".cache")) / "genrpc"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="GENRPC_", extra="forbid")
+
+    # --- network (loopback by default: Envoy is the only public entry point) ---
+    host: str = Field("127.0.0.1", description="address every genrpc process binds")
+    grpc_port: int = Field(50051, description="gRPC port of the service (0 = pick a free port)")
+    bridge_port: int = Field(8001, description="HTTP port of the SSE bridge")
+    envoy_port: int = Field(8080, description="Envoy listener: OpenAI REST and gRPC")
+    envoy_admin_port: int = Field(9901, description="Envoy admin interface (always bound to 127.0.0.1)")
+    metrics_port: int = Field(9464, description="Prometheus metrics of the service (0 = pick a free port, -1 = off)")
+    grpc_target: str = Field("", description="gRPC address the bridge calls (default: host:grpc_port)")
+    api_keys_file: str = Field("", description="API keys Envoy enforces (Bearer): a file of `KEY CLIENT_ID` lines, "
+                                               "# comments; the client id is forwarded as x-client-id "
+                                               "(empty = no authentication)")
+
+    # --- model and engine ---
+    engine: Literal["cpu", "sglang"] = Field("cpu", description="model runtime: cpu (torch) or sglang (GPUs)")
+    model: str = Field("", description="HF model directory or .gguf file (default: the bundled SmolLM2-135M)")
+    model_id: str = Field(DEFAULT_MODEL_ID, description="model id served to clients (`model` in requests)")
+    cache_dir: pathlib.Path = Field(default_factory=default_cache_dir,
+                                    description="where converted models are cached")
+    context_length: int = Field(0, description="context window in tokens (0 = the model's own)")
+    max_batch_size: int = Field(16, description="requests decoded together in one step; more wait in a queue")
+    max_queue: int = Field(256, description="requests waiting for a batch slot before RESOURCE_EXHAUSTED")
+    torch_threads: int = Field(0, description="torch intra-op threads for the CPU engine (0 = all cores)")
+    cpu_batch_invariant: bool = Field(True, description="CPU engine: bit-identical results alone or batched "
+                                      "(costs ~1.6x single-stream speed)")
+    default_max_tokens: int = Field(0, description="chat max tokens when a request sets none (0 = rest of context)")
+
+    # --- SGLang engine (GPU) ---
+    tp_size: int = Field(1, description="SGLang tensor-parallel size (GPUs per model replica)")
+    dp_size: int = Field(4, description="SGLang data-parallel size (model replicas); dp*tp = GPUs used")
+    mem_fraction_static: float = Field(0.85, description="SGLang: GPU memory fraction for weights + KV cache")
+    rope_scaling: str = Field("", description='SGLang: JSON rope scaling, e.g. YaRN for 131k context')
+    tool_call_parser: str = Field("qwen", description="SGLang tool-call parser name")
+    chat_template: str = Field("", description="SGLang: chat template name or file (default: the model's)")
+    sglang_max_running_requests: int = Field(0, description="SGLang: max requests decoded at once per replica "
+                                                            "(0 = SGLang sizes it from KV-cache memory)")
+    sglang_extra_args: str = Field("", description='SGLang: extra ServerArgs as a JSON object, '
+                                                   'e.g. {"attention_backend": "fa3"}')
+
+    # --- operations ---
+    log_level: str = Field("info", description="log level: debug, info, warning, error")
+    shutdown_grace_s: float = Field(30.0, description="seconds running streams get to finish on SIGTERM")
+
+    def grpc_address(self) -> str:
+        return self.grpc_target or f"{self.host}:{self.grpc_port}"
+
+
+def add_arguments(parser: argparse.ArgumentParser, names: list[str] | None = None) -> None:
+    """Adds one `--flag` per Settings field (or per field in `names`), with the field's help text."""
+    for name, info in Settings.model_fields.items():
+        if names is not None and name not in names:
+            continue
+        flag = "--" + name.replace("_", "-")
+        env = "GENRPC_" + name.upper()
+        default = info.get_default(call_default_factory=True)
+        parser.add_argument(flag, dest=name, default=argparse.SUPPRESS,
+                            help=f"{info.description} [env {env}, default {default!s}]")
+
+
+def from_args(args: argparse.Namespace) -> Settings:
+    """Builds Settings from parsed flags (only flags given on the command line override env/defaults)."""
+    given: dict[str, Any] = {k: v for k, v in vars(args).items() if k in Settings.model_fields}
+    return Settings(**given)

@@ -1,0 +1,152 @@
+"""The Engine protocol: what the gRPC servicer needs from a model runtime, in domain types.
+
+Engines know nothing of protobuf, OpenAI JSON or SSE. The servicer renders prompts to token ids with the
+engine's tokenizer, hands the engine a GenerationRequest, and consumes GenerationDelta objects. Closing the
+async iterator (``aclose()``, or cancelling the task that iterates it) must abort the request and free its
+batch slot within one decode step.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+
+class FinishReason(str, enum.Enum):
+    """Why an engine stopped generating for a request (the service adds its own, e.g. stop strings)."""
+
+    STOP = "stop"  # end-of-sequence token (or, in the service, a stop string)
+    LENGTH = "length"  # max_tokens reached, or the context window is full
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request decoding parameters, already validated by the service."""
+
+    max_tokens: int
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0
+    seed: int | None = None  # same seed + same input + same params -> same output
+    stop_token_ids: tuple[int, ...] = ()  # extra EOS-like ids (the engine always honours its model's EOS)
+    top_k: int = 0  # 0 = off
+    min_p: float = 0.0  # drop tokens below min_p * p(top token); 0 = off
+    top_a: float = 0.0  # drop tokens below top_a * p(top token)**2; 0 = off
+    frequency_penalty: float = 0.0  # OpenAI semantics: subtract penalty * count(token in output)
+    presence_penalty: float = 0.0  # OpenAI semantics: subtract penalty if token in output
+    repetition_penalty: float = 1.0  # HF/CTRL semantics over prompt + output; 1 = off
+    logit_bias: Mapping[int, float] = field(default_factory=dict)  # token id -> bias added to logits
+    logprobs: int | None = None  # None = off; k >= 0 = report the sampled token and the k most likely
+    ignore_eos: bool = False  # keep generating past EOS (until max_tokens)
+    min_tokens: int = 0  # EOS is masked until this many tokens were generated
+    json_schema: str | None = None  # constrain the output to this JSON Schema (a JSON string)
+    ebnf: str | None = None  # constrain the output to this grammar (xgrammar/GBNF-style EBNF)
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """Log probability of one generated token and, if asked, of the most likely alternatives."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # (token id, logprob), most likely first
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One generation: prompt token ids in, tokens out."""
+
+    request_id: str  # uuid4 hex; unique among live requests
+    prompt_token_ids: Sequence[int]
+    sampling: SamplingParams
+
+
+@dataclass(frozen=True)
+class GenerationDelta:
+    """What one decode step added to one request.
+
+    ``text`` is the newly decodable text (incremental detokenisation: bytes of a multi-byte character wait
+    until the character is complete). The final delta has ``finish_reason`` set and may carry text too.
+    """
+
+    text: str
+    token_ids: tuple[int, ...]
+    completion_tokens: int  # cumulative count of generated tokens
+    prompt_tokens: int
+    finish_reason: FinishReason | None = None
+    cached_prompt_tokens: int = 0
+    logprobs: tuple[TokenLogprob, ...] = ()  # one per token in token_ids, when SamplingParams.logprobs is set
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the service reports about the served model."""
+
+    model_id: str
+    context_length_tokens: int
+    owned_by: str = "genrpc"
+    # Used in `system_fingerprint` so clients can tell engine configurations apart.
+    fingerprint: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Tokenizer(Protocol):
+    """The slice of a Hugging Face tokenizer the service uses for templating, counting and logprobs."""
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of token ids the model can produce (logit_bias keys and token prompts must be below it)."""
+        ...
+
+    @property
+    def supports_tools(self) -> bool:
+        """Whether the chat template renders `tools` and tool messages itself."""
+        ...
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, token_ids: Sequence[int]) -> str: ...
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The exact bytes one token stands for (for logprobs' `token`/`bytes`)."""
+        ...
+
+    def apply_chat_template(self, messages: list[dict[str, Any]],
+                            tools: list[dict[str, Any]] | None = None) -> list[int]:
+        """Renders a conversation (Hugging Face message dicts) with the generation prompt."""
+        ...
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """A model runtime. One instance serves many concurrent requests."""
+
+    @property
+    def model_info(self) -> ModelInfo: ...
+
+    @property
+    def tokenizer(self) -> Tokenizer: ...
+
+    @property
+    def running_requests(self) -> int:
+        """Requests holding a batch slot right now (queued ones excluded)."""
+        ...
+
+    @property
+    def waiting_requests(self) -> int:
+        """Requests accepted but waiting for a batch slot."""
+        ...
+
+    async def start(self) -> None:
+        """Loads the model and warms it up; the service reports SERVING only after this returns."""
+        ...
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta]:
+        """Streams deltas until one carries a finish_reason. Closing the iterator aborts the request."""
+        ...
+
+    async def shutdown(self) -> None:
+        """Aborts everything still running and releases the model."""
+        ...

@@ -1,0 +1,298 @@
+"""The production engine: an in-process ``sglang.Engine`` (SGLang 0.5.23) behind genrpc's `Engine` protocol.
+
+How it uses SGLang (all read from SGLang 0.5.23's source, see service/engines/sglang_mapping.py):
+
+- ``start()`` builds ``sglang.Engine(**engine_kwargs(settings))`` on the *running* event loop in the main
+  thread (the loop the grpc.aio server runs on: SGLang's TokenizerManager creates its receive loop on the
+  loop of the first ``generate_request``; a second loop hangs). Construction is synchronous and takes as
+  long as the model load (minutes for 7B on 4 GPUs): the loop is blocked meanwhile, so health checks time
+  out rather than answer NOT_SERVING; the Kubernetes startupProbe is sized for that. ``sglang`` is imported
+  there, so this module imports without sglang installed.
+- Requests go in as token ids (the service templated them with the same HF tokenizer) with a fresh uuid4-hex
+  ``rid`` (SGLang's abort matches rids by *prefix*, so rids must never be prefixes of each other).
+- Items are cumulative (``incremental_streaming_output`` is False by default); `StreamNormalizer` turns
+  them into GenerationDelta objects.
+- Cancel: the SGLang generator is held in ``contextlib.aclosing`` and, unless the request finished,
+  ``tokenizer_manager.abort_request(rid=...)`` is called before it is closed, so the scheduler frees the
+  batch slot within one decode step.
+- SGLang's first ``generate_request`` installs its own SIGTERM handler on the loop (drain, then kill the
+  process tree). genrpc drains itself (NOT_SERVING, grace period, then ``shutdown()``), so ``start()`` puts
+  back whatever SIGTERM handler the loop had before the warm-up. SGLang's SIGQUIT handler (a child process
+  died: kill the tree) is kept.
+- Metrics: with ``enable_metrics`` SGLang's scheduler/detokenizer processes write Prometheus multiprocess
+  files under ``PROMETHEUS_MULTIPROC_DIR``; its TokenizerManager (in this process) registers on
+  prometheus_client's default REGISTRY. `register_sglang_metrics(registry)` exports both beside genrpc's own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import tempfile
+import uuid
+from collections.abc import AsyncIterator, Iterable
+from typing import Any
+
+from service.engines.base import GenerationDelta, GenerationRequest, ModelInfo, SamplingParams, Tokenizer
+from service.engines.sglang_mapping import (
+    EngineNotReadyError,
+    QueueFullError,
+    SGLangAbortError,
+    SGLangEngineError,
+    SGLangRequestError,
+    StreamNormalizer,
+    UnsupportedParameterError,
+    engine_kwargs,
+    generate_kwargs,
+    to_sglang_sampling_params,
+)
+
+__all__ = [
+    "SGLANG_VERSION", "EngineNotReadyError", "QueueFullError", "SGLangAbortError", "SGLangEngine",
+    "SGLangEngineError", "SGLangRequestError", "UnsupportedParameterError", "register_sglang_metrics",
+    "sglang_metrics_collector",
+]
+
+log = logging.getLogger("genrpc.engine.sglang")
+
+SGLANG_VERSION = "0.5.23"
+WARMUP_PROMPT = "Hello"
+WARMUP_MAX_TOKENS = 4
+
+
+class SGLangEngine:
+    """`Engine` over ``sglang.Engine``. Counts running/waiting requests locally (see `running_requests`)."""
+
+    def __init__(self, settings: Any, *, engine_factory: Any = None, tokenizer: Tokenizer | None = None):
+        """`engine_factory(**kwargs)` and `tokenizer` are for tests (a fake engine); by default
+        ``sglang.Engine`` and an `HFTokenizer` loaded from ``settings.model``."""
+        self._settings = settings
+        self._engine_factory = engine_factory
+        self._engine: Any = None
+        self._tokenizer = tokenizer
+        self._model_info: ModelInfo | None = None
+        self._incremental = False
+        self._live: dict[str, bool] = {}  # rid -> has produced output (i.e. holds a batch slot)
+        self._stopping = False
+
+    # ---- Engine protocol: properties ----
+
+    @property
+    def model_info(self) -> ModelInfo:
+        if self._model_info is None:
+            raise EngineNotReadyError("the SGLang engine has not started")
+        return self._model_info
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        if self._tokenizer is None:
+            raise EngineNotReadyError("the SGLang engine has not started")
+        return self._tokenizer
+
+    @property
+    def running_requests(self) -> int:
+        """Live requests that have received output (prefill done, decoding). Counted here, not read from
+        SGLang: its exact counts live in the scheduler processes (the `sglang:num_running_reqs` gauge)."""
+        return sum(1 for started in self._live.values() if started)
+
+    @property
+    def waiting_requests(self) -> int:
+        """Live requests without output yet: queued in a scheduler or in prefill (see `sglang:num_queue_reqs`
+        for SGLang's own queue length)."""
+        return sum(1 for started in self._live.values() if not started)
+
+    # ---- lifecycle ----
+
+    async def start(self) -> None:
+        settings = self._settings
+        if not settings.model:
+            raise ValueError("the sglang engine needs --model (an HF model directory, e.g. Qwen2.5-7B-Instruct)")
+        kwargs = engine_kwargs(settings)
+        if kwargs.get("enable_metrics"):
+            prepare_metrics_dir()
+        factory = self._engine_factory
+        if factory is None:
+            import sglang  # heavy and GPU-only: imported here, never at module import
+
+            factory = sglang.Engine
+        log.info("starting sglang %s: %s", SGLANG_VERSION,
+                 {k: v for k, v in kwargs.items() if k != "json_model_override_args"})
+        # On the running loop, main thread, synchronously (see module docstring).
+        self._engine = factory(**kwargs)
+        try:
+            server_args = getattr(self._engine, "server_args", None)
+            self._incremental = bool(getattr(server_args, "incremental_streaming_output", False))
+            if self._tokenizer is None:
+                self._tokenizer = await asyncio.to_thread(_load_tokenizer, settings.model)
+            self._model_info = self._build_model_info()
+            loop = asyncio.get_running_loop()
+            saved = _loop_signal_handler(loop, signal.SIGTERM)
+            try:
+                await self._warm_up()
+            finally:
+                _restore_signal_handler(loop, signal.SIGTERM, saved)
+        except BaseException:
+            await self.shutdown()  # never leave SGLang's GPU processes behind a failed start
+            raise
+        log.info("sglang engine ready: %s", self._model_info)
+
+    async def _warm_up(self) -> None:
+        ids = self.tokenizer.encode(WARMUP_PROMPT) or [0]
+        request = GenerationRequest(request_id=uuid.uuid4().hex, prompt_token_ids=ids,
+                                    sampling=SamplingParams(max_tokens=WARMUP_MAX_TOKENS, temperature=0.0))
+        async with contextlib.aclosing(self.generate(request)) as deltas:
+            async for delta in deltas:
+                if delta.finish_reason is not None:
+                    break
+
+    def _build_model_info(self) -> ModelInfo:
+        s = self._settings
+        tm = getattr(self._engine, "tokenizer_manager", None)
+        context = int(getattr(tm, "context_len", 0) or s.context_length or 0)
+        fingerprint = f"sglang-{SGLANG_VERSION}-tp{s.tp_size}-dp{s.dp_size}"
+        if s.rope_scaling:
+            fingerprint += "-rope"
+        return ModelInfo(model_id=s.model_id, context_length_tokens=context, fingerprint=fingerprint,
+                         extra={"engine": "sglang", "sglang_version": SGLANG_VERSION, "tp_size": s.tp_size,
+                                "dp_size": s.dp_size, "tool_call_parser": s.tool_call_parser})
+
+    async def shutdown(self) -> None:
+        """Aborts everything still running, then stops SGLang's processes (blocking work runs in a thread)."""
+        self._stopping = True
+        engine, self._engine = self._engine, None
+        if engine is None:
+            return
+        tm = getattr(engine, "tokenizer_manager", None)
+        if tm is not None:
+            with contextlib.suppress(Exception):
+                tm.abort_request(abort_all=True)
+        await asyncio.to_thread(engine.shutdown)
+
+    # ---- generation ----
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta]:
+        return self._generate(request)
+
+    async def _generate(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta]:
+        engine = self._engine
+        if engine is None or self._stopping:
+            raise EngineNotReadyError("the SGLang engine is not serving")
+        rid = uuid.uuid4().hex  # fresh: SGLang aborts by rid *prefix*
+        sampling_params = to_sglang_sampling_params(request.sampling)
+        normalizer = StreamNormalizer(incremental=self._incremental,
+                                      prompt_tokens=len(request.prompt_token_ids))
+        self._live[rid] = False
+        try:
+            try:
+                stream = await engine.async_generate(input_ids=[int(t) for t in request.prompt_token_ids],
+                                                     sampling_params=sampling_params, stream=True, rid=rid,
+                                                     **generate_kwargs(request.sampling))
+            except ValueError as exc:  # SGLang's request validation
+                raise SGLangRequestError(str(exc)) from exc
+            async with contextlib.aclosing(stream) as items:
+                try:
+                    while True:
+                        try:
+                            item = await items.__anext__()
+                        except StopAsyncIteration:
+                            break
+                        except ValueError as exc:  # validation runs on the first __anext__
+                            raise SGLangRequestError(str(exc)) from exc
+                        self._live[rid] = True
+                        delta = normalizer.feed(item)  # raises SGLangAbortError & co. on an abort
+                        if delta is None:
+                            continue
+                        yield delta
+                        if delta.finish_reason is not None:
+                            return
+                    if not normalizer.finished:
+                        raise SGLangAbortError("SGLang ended the stream without a finish reason")
+                finally:
+                    if not normalizer.finished:
+                        # Cancelled, closed early, or failed: free the batch slot now.
+                        tm = getattr(engine, "tokenizer_manager", None)
+                        if tm is not None:
+                            with contextlib.suppress(Exception):
+                                tm.abort_request(rid=rid)
+        finally:
+            self._live.pop(rid, None)
+
+
+def _load_tokenizer(model: str) -> Tokenizer:
+    from service.engines.hf_tokenizer import HFTokenizer
+
+    return HFTokenizer.from_pretrained(model)
+
+
+# ---- signal handler bookkeeping (asyncio's unix loops keep them in `_signal_handlers`) ----
+
+def _loop_signal_handler(loop: asyncio.AbstractEventLoop, sig: int) -> Any:
+    handlers = getattr(loop, "_signal_handlers", None)
+    return handlers.get(sig) if isinstance(handlers, dict) else None
+
+
+def _restore_signal_handler(loop: asyncio.AbstractEventLoop, sig: int, saved: Any) -> None:
+    if saved is None or _loop_signal_handler(loop, sig) is saved:
+        return
+    with contextlib.suppress(Exception):
+        loop.add_signal_handler(sig, saved._callback, *saved._args)
+        log.info("restored genrpc's handler for signal %d (SGLang had replaced it)", sig)
+
+
+# ---- metrics ----
+
+def prepare_metrics_dir() -> str:
+    """Makes sure ``PROMETHEUS_MULTIPROC_DIR`` names an existing directory before SGLang forks its
+    processes (SGLang writes its multiprocess files there). Returns the directory."""
+    path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not path:
+        path = tempfile.mkdtemp(prefix="genrpc-sglang-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+class _SGLangCollector:
+    """Yields SGLang's metrics (names starting with `prefixes`) from the multiprocess files and, when this
+    process runs prometheus_client in single-process mode, from its default REGISTRY (the
+    TokenizerManager's metrics). genrpc's own metrics are filtered out, so nothing is exported twice."""
+
+    def __init__(self, path: str | None, prefixes: Iterable[str]):
+        self._path = path
+        self._prefixes = tuple(prefixes)
+
+    def _ours(self, name: str) -> bool:
+        return name.startswith(self._prefixes)
+
+    def collect(self) -> Iterable[Any]:
+        from prometheus_client import REGISTRY, multiprocess, values
+
+        path = self._path or os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        seen: set[str] = set()
+        if path and os.path.isdir(path):
+            for metric in multiprocess.MultiProcessCollector(None, path=path).collect():
+                if self._ours(metric.name):
+                    seen.add(metric.name)
+                    yield metric
+        # In single-process mode (prometheus_client imported before the env var was set) the
+        # TokenizerManager's metrics are plain in-process values on the default registry.
+        if getattr(values.ValueClass, "__name__", "") != "MmapedValue":
+            for metric in REGISTRY.collect():
+                if self._ours(metric.name) and metric.name not in seen:
+                    yield metric
+
+
+def sglang_metrics_collector(path: str | None = None, prefixes: Iterable[str] = ("sglang:", "sglang_")) -> Any:
+    """A prometheus_client collector of SGLang's metrics (register it on any CollectorRegistry)."""
+    return _SGLangCollector(path, prefixes)
+
+
+def register_sglang_metrics(registry: Any, path: str | None = None) -> Any:
+    """Adds SGLang's Prometheus metrics to `registry` (genrpc's own): call once, after `SGLangEngine.start()`
+    or before it (the collector reads ``PROMETHEUS_MULTIPROC_DIR`` at scrape time). Returns the collector."""
+    collector = sglang_metrics_collector(path)
+    registry.register(collector)
+    return collector

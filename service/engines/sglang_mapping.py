@@ -1,0 +1,334 @@
+"""Pure mapping between genrpc's engine domain types and SGLang 0.5.23's in-process API (no sglang import).
+
+Everything here was written against SGLang 0.5.23's source:
+
+- ``python/sglang/srt/sampling/sampling_params.py``: ``SamplingParams`` (field names, defaults, ``verify()``).
+  ``max_new_tokens`` defaults to 128, so it is always set; ``sampling_seed`` is the per-request seed;
+  ``logit_bias`` keys are token-id *strings*; ``json_schema`` is a JSON *string*; ``top_k`` must be >= 1
+  (or -1 for "whole vocabulary"); a temperature below 1e-6 means greedy (SGLang turns it into top_k=1).
+- ``python/sglang/srt/managers/tokenizer_manager.py`` (``_handle_batch_output``, ``_stream_one_response``,
+  ``_handle_abort_req``): stream items are ``{"text", "output_ids", "meta_info"}``; with the default
+  ``incremental_streaming_output=False`` both ``text`` and ``output_ids`` are *cumulative*; ``meta_info``
+  carries ``id``, ``finish_reason`` (None until the last item), ``prompt_tokens``, ``completion_tokens``,
+  ``cached_tokens``; an abort item built by ``_handle_abort_req`` has no ``prompt_tokens``/``cached_tokens``.
+- ``python/sglang/srt/managers/schedule_batch.py`` (``FINISH_*.to_json``): finish reasons are
+  ``{"type": "stop", "matched": int|str}``, ``{"type": "length", "length": N}`` or
+  ``{"type": "abort", "message", "status_code", "err_type"}`` (status_code may be None or missing).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Any
+
+import grpc
+
+from service.engines.base import FinishReason, GenerationDelta, SamplingParams, TokenLogprob
+
+# --------------------------------------------------------------------------------------------------------------
+# Errors. The service maps engine errors by class name and by the `grpc_code` attribute
+# (service/errors.py: from_engine_error); these carry both a gRPC code and SGLang's HTTP status.
+# --------------------------------------------------------------------------------------------------------------
+
+
+class SGLangEngineError(RuntimeError):
+    """Base of every error the SGLang adapter raises; `grpc_code` is what the client should see."""
+
+    grpc_code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+
+    def __init__(self, message: str, *, http_status: int | None = None,
+                 grpc_code: grpc.StatusCode | None = None):
+        super().__init__(message)
+        self.message = message
+        self.http_status = http_status
+        if grpc_code is not None:
+            self.grpc_code = grpc_code
+
+
+class SGLangRequestError(SGLangEngineError):
+    """SGLang rejected the request itself (ValueError from validation, abort with status 400)."""
+
+    grpc_code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class SGLangAbortError(SGLangEngineError):
+    """SGLang aborted the request (finish_reason type "abort"); grpc_code follows its status_code."""
+
+
+class QueueFullError(SGLangAbortError):
+    """SGLang's waiting queue is full (max_queued_requests): RESOURCE_EXHAUSTED, like the CPU engine's."""
+
+    grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class EngineNotReadyError(SGLangEngineError):
+    """generate() before start() finished, or after shutdown()."""
+
+    grpc_code = grpc.StatusCode.UNAVAILABLE
+
+
+# SGLang's abort status codes (HTTP) -> gRPC codes. One table; anything else >= 500 is INTERNAL.
+HTTP_TO_GRPC: dict[int, grpc.StatusCode] = {
+    HTTPStatus.BAD_REQUEST: grpc.StatusCode.INVALID_ARGUMENT,
+    HTTPStatus.UNAUTHORIZED: grpc.StatusCode.UNAUTHENTICATED,
+    HTTPStatus.FORBIDDEN: grpc.StatusCode.PERMISSION_DENIED,
+    HTTPStatus.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
+    HTTPStatus.REQUEST_TIMEOUT: grpc.StatusCode.DEADLINE_EXCEEDED,
+    HTTPStatus.TOO_MANY_REQUESTS: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    HTTPStatus.INTERNAL_SERVER_ERROR: grpc.StatusCode.INTERNAL,
+    HTTPStatus.SERVICE_UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+    HTTPStatus.GATEWAY_TIMEOUT: grpc.StatusCode.DEADLINE_EXCEEDED,
+}
+# scheduler.py `_abort_on_queued_limit` (SGLang 0.5.23) reports a full queue as 503 with this message.
+QUEUE_FULL_MESSAGE = "The request queue is full."
+
+
+def abort_error(finish_reason: Mapping[str, Any]) -> SGLangEngineError:
+    """The exception for an ``{"type": "abort", ...}`` finish reason (read with .get(): keys may be missing)."""
+    message = str(finish_reason.get("message") or "Aborted")
+    status = finish_reason.get("status_code")
+    status = int(status) if status is not None else None
+    if status is None:
+        # A plain FINISH_ABORT(): abort_request/abort_all (e.g. the engine is shutting down), or aborted while
+        # waiting. The client did not cause it and may retry elsewhere.
+        return SGLangAbortError(message, grpc_code=grpc.StatusCode.UNAVAILABLE)
+    if status == HTTPStatus.SERVICE_UNAVAILABLE and message == QUEUE_FULL_MESSAGE:
+        return QueueFullError(message, http_status=status)
+    if status == HTTPStatus.BAD_REQUEST:
+        return SGLangRequestError(message, http_status=status)
+    code = HTTP_TO_GRPC.get(status)
+    if code is None:
+        code = grpc.StatusCode.INTERNAL if status >= 500 else grpc.StatusCode.INVALID_ARGUMENT
+    return SGLangAbortError(message, http_status=status, grpc_code=code)
+
+
+def map_finish_reason(finish_reason: Mapping[str, Any] | None) -> FinishReason | None:
+    """SGLang's finish_reason dict -> FinishReason; None while running; raises for aborts."""
+    if finish_reason is None:
+        return None
+    kind = finish_reason.get("type")
+    if kind == "stop":
+        return FinishReason.STOP
+    if kind == "length":
+        return FinishReason.LENGTH
+    if kind == "abort":
+        raise abort_error(finish_reason)
+    raise SGLangEngineError(f"unknown SGLang finish_reason {dict(finish_reason)!r}")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Sampling parameters
+# --------------------------------------------------------------------------------------------------------------
+
+def _logit_bias(value: Mapping[Any, float]) -> dict[str, float] | None:
+    return {str(int(token_id)): float(bias) for token_id, bias in value.items()} or None
+
+
+def _grammar(value: Any) -> str | None:
+    if value is None or value == "":
+        return None
+    return value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
+
+
+def _positive_int(value: int) -> int | None:
+    return int(value) if int(value) >= 1 else None  # genrpc: 0 = off; SGLang rejects top_k=0
+
+
+def _unless(default: Any, convert: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """Leaves a parameter out when it has genrpc's "off" value (SGLang's default is the same)."""
+    return lambda value: None if value == default else convert(value)
+
+
+@dataclass(frozen=True)
+class OptionalParam:
+    """A genrpc SamplingParams attribute that maps onto one SGLang key; `convert` returns None to omit it."""
+
+    genrpc_name: str
+    sglang_name: str
+    convert: Callable[[Any], Any]
+
+
+# Read with getattr(params, name, None), so a field the domain SamplingParams lacks is simply skipped.
+# SGLang 0.5.23 names and defaults: sampling/sampling_params.py `SamplingParams`.
+OPTIONAL_PARAMS: tuple[OptionalParam, ...] = (
+    OptionalParam("top_k", "top_k", _positive_int),
+    OptionalParam("min_p", "min_p", _unless(0.0, float)),
+    OptionalParam("frequency_penalty", "frequency_penalty", _unless(0.0, float)),
+    OptionalParam("presence_penalty", "presence_penalty", _unless(0.0, float)),
+    OptionalParam("repetition_penalty", "repetition_penalty", _unless(1.0, float)),
+    OptionalParam("min_tokens", "min_new_tokens", _unless(0, int)),
+    OptionalParam("ignore_eos", "ignore_eos", _unless(False, bool)),
+    OptionalParam("logit_bias", "logit_bias", _logit_bias),  # keys: token-id strings
+    OptionalParam("json_schema", "json_schema", _grammar),  # a JSON string
+    OptionalParam("ebnf", "ebnf", _grammar),
+    OptionalParam("regex", "regex", _grammar),
+)
+
+# genrpc parameters SGLang 0.5.23 has no equivalent for: refused when set to anything but their "off" value.
+UNSUPPORTED_PARAMS: dict[str, Any] = {"top_a": 0.0}
+
+
+class UnsupportedParameterError(SGLangRequestError):
+    """A sampling parameter the SGLang engine cannot honour (the service may map it to UNSUPPORTED_PARAMETER)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
+def to_sglang_sampling_params(params: SamplingParams) -> dict[str, Any]:
+    """The ``sampling_params`` dict for ``sglang.Engine.async_generate``.
+
+    ``max_new_tokens`` is always set (SGLang's default is 128); ``seed`` -> ``sampling_seed``. Stop *strings*
+    are not passed: the service applies them itself (same behaviour on every engine); the engine only sees
+    stop token ids. Parameters at their "off" value are left out. Raises UnsupportedParameterError.
+    """
+    for name, off in UNSUPPORTED_PARAMS.items():
+        value = getattr(params, name, None)
+        if value is not None and value != off:
+            raise UnsupportedParameterError(name, f"{name} is not supported by the SGLang engine")
+    out: dict[str, Any] = {
+        "max_new_tokens": int(params.max_tokens),
+        "temperature": float(params.temperature),
+        "top_p": float(params.top_p),
+    }
+    if params.seed is not None:
+        out["sampling_seed"] = int(params.seed)
+    if params.stop_token_ids:
+        out["stop_token_ids"] = sorted({int(t) for t in params.stop_token_ids})
+    for opt in OPTIONAL_PARAMS:
+        value = getattr(params, opt.genrpc_name, None)
+        if value is None:
+            continue
+        converted = opt.convert(value)
+        if converted is not None:
+            out[opt.sglang_name] = converted
+    return out
+
+
+def generate_kwargs(params: SamplingParams) -> dict[str, Any]:
+    """Extra ``async_generate`` arguments (besides sampling_params): logprobs.
+
+    SGLang 0.5.23 (managers/io_struct.py GenerateReqInput): ``return_logprob`` and ``top_logprobs_num``;
+    ``logprob_start_len`` defaults to -1 (no prompt logprobs).
+    """
+    k = getattr(params, "logprobs", None)
+    if k is None:
+        return {}
+    return {"return_logprob": True, "top_logprobs_num": int(k)}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Stream normalisation
+# --------------------------------------------------------------------------------------------------------------
+
+class StreamNormalizer:
+    """Turns SGLang's stream items (cumulative by default) into GenerationDelta objects.
+
+    ``feed(item)`` returns a delta, or None when the item added nothing (SGLang may repeat an item when
+    several outputs were drained at once); it raises an SGLangEngineError for an abort.
+    """
+
+    def __init__(self, *, incremental: bool = False, prompt_tokens: int = 0):
+        self.incremental = incremental
+        self._text_len = 0
+        self._ids_len = 0
+        self.completion_tokens = 0
+        self.prompt_tokens = prompt_tokens
+        self.cached_tokens = 0
+        self.finished = False
+        self._logprobs_len = 0
+
+    def feed(self, item: Mapping[str, Any]) -> GenerationDelta | None:
+        meta: Mapping[str, Any] = item.get("meta_info") or {}
+        finish = map_finish_reason(meta.get("finish_reason"))  # raises on abort
+        text = item.get("text") or ""
+        ids = list(item.get("output_ids") or ())
+        if self.incremental:
+            new_text, new_ids = text, ids
+            self._text_len += len(text)
+            self._ids_len += len(ids)
+        else:
+            new_text = text[self._text_len:]
+            new_ids = ids[self._ids_len:]
+            self._text_len = max(self._text_len, len(text))
+            self._ids_len = max(self._ids_len, len(ids))
+        completion = meta.get("completion_tokens")
+        self.completion_tokens = max(self.completion_tokens,
+                                     int(completion) if completion is not None else self._ids_len)
+        if meta.get("prompt_tokens") is not None:
+            self.prompt_tokens = int(meta["prompt_tokens"])
+        if meta.get("cached_tokens") is not None:
+            self.cached_tokens = int(meta["cached_tokens"])
+        logprobs = self._new_logprobs(meta)
+        if not new_text and not new_ids and finish is None:
+            return None
+        self.finished = finish is not None
+        return GenerationDelta(text=new_text, token_ids=tuple(int(t) for t in new_ids),
+                               completion_tokens=self.completion_tokens, prompt_tokens=self.prompt_tokens,
+                               finish_reason=finish, cached_prompt_tokens=self.cached_tokens, logprobs=logprobs)
+
+    def _new_logprobs(self, meta: Mapping[str, Any]) -> tuple[TokenLogprob, ...]:
+        """meta_info["output_token_logprobs"]: [(logprob, token_id, text|None), ...] and
+        meta_info["output_top_logprobs"]: [[(logprob, token_id, text|None), ...] | None, ...], one entry per
+        output token, cumulative unless incremental (tokenizer_manager.py add_logprob_to_meta_info, 0.5.23)."""
+        sampled = meta.get("output_token_logprobs")
+        if not sampled:
+            return ()
+        top = meta.get("output_top_logprobs") or []
+        start = 0 if self.incremental else self._logprobs_len
+        out = []
+        for i in range(start, len(sampled)):
+            logprob, token_id = sampled[i][0], sampled[i][1]
+            alternatives = top[i] if i < len(top) and top[i] else ()
+            out.append(TokenLogprob(token_id=int(token_id), logprob=float(logprob),
+                                    top=tuple((int(t[1]), float(t[0])) for t in alternatives)))
+        self._logprobs_len = len(sampled) if not self.incremental else self._logprobs_len + len(sampled)
+        return tuple(out)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Engine (server) arguments
+# --------------------------------------------------------------------------------------------------------------
+
+def engine_kwargs(settings: Any) -> dict[str, Any]:
+    """``sglang.Engine(**kwargs)`` from genrpc Settings (names are SGLang 0.5.23 ServerArgs fields,
+    ``python/sglang/srt/arg_groups/fields/*.py``)."""
+    kwargs: dict[str, Any] = {
+        "model_path": settings.model,
+        "served_model_name": settings.model_id,
+        "tp_size": int(settings.tp_size),
+        "dp_size": int(settings.dp_size),
+        "mem_fraction_static": float(settings.mem_fraction_static),
+        "tool_call_parser": settings.tool_call_parser or None,
+        "log_level": settings.log_level,
+        # Token ids in, text + ids out: the service tokenizes (chat template, counting) itself.
+        "skip_tokenizer_init": False,
+        "enable_metrics": int(getattr(settings, "metrics_port", 0)) != -1,
+    }
+    if settings.context_length:
+        kwargs["context_length"] = int(settings.context_length)
+    if settings.chat_template:
+        kwargs["chat_template"] = settings.chat_template
+    if settings.rope_scaling:
+        rope = json.loads(settings.rope_scaling)
+        if not isinstance(rope, dict):
+            raise ValueError("rope_scaling must be a JSON object, e.g. "
+                             '{"type":"yarn","factor":4.0,"original_max_position_embeddings":32768}')
+        kwargs["json_model_override_args"] = json.dumps({"rope_scaling": rope})
+    max_running = int(getattr(settings, "sglang_max_running_requests", 0) or 0)
+    if max_running > 0:
+        kwargs["max_running_requests"] = max_running
+    max_queue = int(getattr(settings, "max_queue", 0) or 0)
+    if max_queue > 0:
+        kwargs["max_queued_requests"] = max_queue
+    extra = getattr(settings, "sglang_extra_args", "") or ""
+    if extra:
+        parsed = json.loads(extra)
+        if not isinstance(parsed, dict):
+            raise ValueError("sglang_extra_args must be a JSON object of SGLang ServerArgs")
+        kwargs.update(parsed)
+    return kwargs

@@ -1,0 +1,113 @@
+"""Builds and runs the gRPC server: GenerationService, grpc.health.v1, reflection, Prometheus metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
+
+from genrpc.settings import Settings
+from genrpc.v1 import generation_service_pb2, generation_service_pb2_grpc
+from service.engines.base import Engine
+from service.metrics import ServiceMetrics
+from service.servicer import GenerationServicer
+
+log = logging.getLogger("genrpc.service")
+SERVICE_NAME = generation_service_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name
+_MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # long prompts
+
+
+def build_engine(settings: Settings) -> Engine:
+    """The engine named by settings.engine; heavy imports happen only for the chosen one."""
+    if settings.engine == "sglang":
+        from service.engines.sglang_engine import SGLangEngine
+
+        return SGLangEngine(settings)
+    from service.engines.cpu.engine import CpuEngine
+
+    return CpuEngine(settings)
+
+
+class GenrpcServer:
+    """The gRPC server plus what lives beside it. Health is NOT_SERVING until the engine is warmed up."""
+
+    def __init__(self, settings: Settings, engine: Engine):
+        self.settings = settings
+        self.engine = engine
+        self.metrics = ServiceMetrics(engine)
+        if settings.engine == "sglang" and settings.metrics_port >= 0:
+            from service.engines.sglang_engine import register_sglang_metrics
+
+            register_sglang_metrics(self.metrics.registry)  # SGLang's scheduler metrics beside genrpc's own
+        self.servicer = GenerationServicer(engine, self.metrics, default_max_tokens=settings.default_max_tokens)
+        self.health = health.aio.HealthServicer()
+        self.grpc_server = grpc.aio.server(options=[
+            ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
+        ])
+        generation_service_pb2_grpc.add_GenerationServiceServicer_to_server(self.servicer, self.grpc_server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
+        reflection.enable_server_reflection(
+            [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+            self.grpc_server)
+        self.port = self.grpc_server.add_insecure_port(f"{settings.host}:{settings.grpc_port}")
+        self.metrics_port: int | None = None
+        self._metrics_http = None
+
+    async def _set_health(self, status: int) -> None:
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, status)
+
+    async def start(self) -> None:
+        """Starts serving (health NOT_SERVING), loads and warms up the engine, then reports SERVING."""
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.grpc_server.start()
+        if self.settings.metrics_port >= 0:
+            self._metrics_http, _ = start_http_server(self.settings.metrics_port, addr=self.settings.host,
+                                                      registry=self.metrics.registry)
+            self.metrics_port = self._metrics_http.server_port
+        log.info("gRPC listening on %s:%d (metrics on :%s); loading the model", self.settings.host, self.port,
+                 self.metrics_port)
+        await self.engine.start()
+        self.servicer.mark_ready()
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        log.info("model %s ready: SERVING", self.engine.model_info.model_id)
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Drains: NOT_SERVING first (load balancers stop sending), running streams get `grace_s` to end."""
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.grpc_server.stop(self.settings.shutdown_grace_s if grace_s is None else grace_s)
+        await self.engine.shutdown()
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+            self._metrics_http.server_close()
+
+
+def create_server(settings: Settings, engine: Engine | None = None) -> tuple[GenrpcServer, int]:
+    """Builds the server and binds its port (port 0 picks a free one); call `start()` to serve."""
+    server = GenrpcServer(settings, engine or build_engine(settings))
+    return server, server.port
+
+
+async def serve(settings: Settings) -> None:
+    """Runs until SIGINT/SIGTERM, then drains gracefully."""
+    server, _ = create_server(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    starting = asyncio.create_task(server.start())
+    stopping = asyncio.create_task(stop.wait())
+    done, _ = await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    if starting in done:
+        starting.result()  # a failed start raises here
+        await stopping
+    else:
+        starting.cancel()
+    log.info("draining (up to %.0f s)", settings.shutdown_grace_s)
+    await server.stop()

@@ -1,0 +1,376 @@
+"""GenerationService: OpenAI-shaped protobuf in, Engine calls, OpenAI-shaped protobuf out.
+
+The servicer is typed to the Engine protocol only. It validates, renders prompts, enforces the context
+window, builds constraints, runs the choices (service.choices) and maps every failure through service.errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+import grpc
+
+from genrpc.v1 import chat_pb2, completion_pb2, generation_service_pb2_grpc, model_pb2
+from service import responses, validation
+from service.choices import ChoiceEvent, ChoiceSpec, run_choices
+from service.constraints import Constraint, forced_tool_call_grammar, response_format_constraint
+from service.engines.base import Engine, SamplingParams, TokenLogprob
+from service.errors import ContextLengthExceeded, InvalidArgument, ModelNotFound, NotReady, ServiceError, abort, \
+    from_engine_error
+from service.metrics import ServiceMetrics
+from service.prompts import fit_to_budget, render_chat
+from service.responses import NULL, string_value
+
+log = logging.getLogger("genrpc.service")
+# With `truncation: auto` and no max_tokens, keep at least this much room for the answer.
+TRUNCATION_MIN_COMPLETION_TOKENS = 256
+
+
+@dataclass
+class _ChoiceState:
+    """What a choice has produced so far (unary responses and per-choice stream bookkeeping)."""
+
+    text: list[str] = field(default_factory=list)
+    tool_calls: list = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    pending_logprobs: list[TokenLogprob] = field(default_factory=list)
+    started: bool = False
+    finish_reason: str | None = None
+    completion_tokens: int = 0
+
+
+@dataclass
+class _Prepared:
+    """A validated request, rendered: what to run and what the response needs to know."""
+
+    model: str
+    specs: list[ChoiceSpec]
+    prompt_tokens: int  # counted once per distinct prompt
+    decoding: validation.Decoding
+    echo_texts: dict[int, str] = field(default_factory=dict)  # choice index -> prompt text (completions echo)
+    dropped_messages: int = 0
+
+
+class GenerationServicer(generation_service_pb2_grpc.GenerationServiceServicer):
+    def __init__(self, engine: Engine, metrics: ServiceMetrics, *, default_max_tokens: int = 0):
+        self._engine = engine
+        self._metrics = metrics
+        self._default_max_tokens = default_max_tokens
+        self._ready = False
+        self._created = int(time.time())
+
+    def mark_ready(self) -> None:
+        self._ready = True
+
+    # ---- preparation -----------------------------------------------------------------------------------
+
+    def _check_ready(self) -> None:
+        if not self._ready:
+            raise NotReady("The model is still loading; retry when the health check reports SERVING.")
+
+    def _check_model(self, model: str) -> None:
+        self._check_ready()
+        if model != self._engine.model_info.model_id:
+            raise ModelNotFound(model)
+
+    def _max_tokens(self, prompt_tokens: int, requested: int | None) -> int:
+        context = self._engine.model_info.context_length_tokens
+        if requested is None:
+            available = context - prompt_tokens
+            if available < 1:
+                raise ContextLengthExceeded(
+                    "messages", f"This model's maximum context length is {context} tokens, but the prompt has "
+                                f"{prompt_tokens} tokens, leaving no room for a completion.",
+                    metadata={"prompt_tokens": str(prompt_tokens), "context_length_tokens": str(context)})
+            return min(available, self._default_max_tokens) if self._default_max_tokens else available
+        if prompt_tokens + requested > context:
+            raise ContextLengthExceeded(
+                "max_tokens", f"This model's maximum context length is {context} tokens. However, you requested "
+                              f"{prompt_tokens + requested} tokens ({prompt_tokens} in the prompt, {requested} "
+                              f"for the completion). Please reduce the prompt or max_tokens, or send "
+                              f"'truncation': 'auto'.",
+                metadata={"prompt_tokens": str(prompt_tokens), "max_tokens": str(requested),
+                          "context_length_tokens": str(context)})
+        return requested
+
+    @staticmethod
+    def _sampling(decoding: validation.Decoding, max_tokens: int, choice: int, constraint: Constraint) -> SamplingParams:
+        # n > 1 with a seed: choice i uses seed + i, so choices differ but the whole response is reproducible.
+        seed = None if decoding.seed is None else decoding.seed + choice
+        return SamplingParams(
+            max_tokens=max_tokens, temperature=decoding.temperature, top_p=decoding.top_p, seed=seed,
+            top_k=decoding.top_k, min_p=decoding.min_p, top_a=decoding.top_a,
+            frequency_penalty=decoding.frequency_penalty, presence_penalty=decoding.presence_penalty,
+            repetition_penalty=decoding.repetition_penalty, logit_bias=decoding.logit_bias,
+            logprobs=decoding.logprobs, ignore_eos=decoding.ignore_eos, min_tokens=decoding.min_tokens,
+            json_schema=constraint.json_schema, ebnf=constraint.ebnf)
+
+    def _render_chat(self, job: validation.ChatJob) -> tuple[list[int], int]:
+        tools = job.tools if job.tool_choice != "none" else []
+        tokenizer = self._engine.tokenizer
+        if not job.truncate:
+            return render_chat(tokenizer, job.messages, tools), 0
+        context = self._engine.model_info.context_length_tokens
+        reserve = job.decoding.max_tokens or min(TRUNCATION_MIN_COMPLETION_TOKENS, context // 4)
+        return fit_to_budget(tokenizer, job.messages, tools, context - reserve)
+
+    async def _prepare_chat(self, request: chat_pb2.ChatCompletionRequest) -> _Prepared:
+        job = validation.chat_job(request, vocab_size=self._engine.tokenizer.vocab_size)
+        self._check_model(job.model)
+        ids, dropped = await asyncio.to_thread(self._render_chat, job)
+        max_tokens = self._max_tokens(len(ids), job.decoding.max_tokens)
+        if job.tool_choice == "required" or isinstance(job.tool_choice, dict):
+            forced = job.tools if job.tool_choice == "required" else [
+                t for t in job.tools if t["function"]["name"] == job.tool_choice["function"]["name"]]
+            grammar = await asyncio.to_thread(forced_tool_call_grammar, forced, parallel=job.parallel_tool_calls)
+            constraint = Constraint(ebnf=grammar)
+        else:
+            constraint = response_format_constraint(job.response_format)
+        parse_tools = bool(job.tools) and job.tool_choice != "none"
+        specs = [ChoiceSpec(i, ids, self._sampling(job.decoding, max_tokens, i, constraint), job.decoding.stop,
+                            parse_tools) for i in range(job.decoding.n)]
+        return _Prepared(job.model, specs, len(ids), job.decoding, dropped_messages=dropped)
+
+    async def _prepare_completion(self, request: completion_pb2.CompletionRequest) -> _Prepared:
+        job = validation.completion_job(request, vocab_size=self._engine.tokenizer.vocab_size)
+        self._check_model(job.model)
+        tokenizer = self._engine.tokenizer
+        specs, echo_texts, prompt_tokens = [], {}, 0
+        for prompt_index, prompt in enumerate(job.prompts):
+            ids = await asyncio.to_thread(tokenizer.encode, prompt) if isinstance(prompt, str) else prompt
+            max_tokens = self._max_tokens(len(ids), job.decoding.max_tokens)
+            prompt_tokens += len(ids)
+            for j in range(job.decoding.n):
+                index = prompt_index * job.decoding.n + j  # OpenAI's order: choices grouped by prompt
+                specs.append(ChoiceSpec(index, ids, self._sampling(job.decoding, max_tokens, index, Constraint()),
+                                        job.decoding.stop))
+                if job.echo:
+                    echo_texts[index] = prompt if isinstance(prompt, str) else tokenizer.decode(prompt)
+        return _Prepared(job.model, specs, prompt_tokens, job.decoding, echo_texts=echo_texts)
+
+    # ---- error mapping and metrics ---------------------------------------------------------------------
+
+    async def _run(self, method: str, context: grpc.aio.ServicerContext, body: Callable[[], AsyncIterator]):
+        """Wraps an RPC body: error mapping, metrics, logging. Yields what the body yields."""
+        started = time.perf_counter()
+        code = grpc.StatusCode.OK
+        try:
+            async for item in body():
+                yield item
+        except ServiceError as error:
+            code = error.code
+            await abort(context, error)
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - every engine failure becomes a precise status
+            error = from_engine_error(exc)
+            code = error.code
+            if code == grpc.StatusCode.INTERNAL:
+                log.exception("%s failed", method)
+            await abort(context, error)
+        finally:
+            self._metrics.requests.labels(method, code.name).inc()
+            self._metrics.request_duration.labels(method).observe(time.perf_counter() - started)
+
+    async def _events(self, prepared: _Prepared) -> AsyncIterator[tuple[ChoiceEvent, bool]]:
+        """The merged choice events, each with whether it is the very last finish of the request."""
+        started = time.perf_counter()
+        unfinished = len(prepared.specs)
+        first = True
+        completion_tokens = 0
+        async with contextlib.aclosing(run_choices(self._engine, prepared.specs)) as events:
+            async for event in events:
+                if first and (event.text or event.tool_calls):
+                    self._metrics.time_to_first_token.observe(time.perf_counter() - started)
+                    first = False
+                if event.finish_reason:
+                    unfinished -= 1
+                    completion_tokens += event.completion_tokens
+                yield event, unfinished == 0
+        self._metrics.prompt_tokens.inc(prepared.prompt_tokens)
+        self._metrics.completion_tokens.inc(completion_tokens)
+
+    def _fingerprint(self) -> str:
+        return self._engine.model_info.fingerprint or f"genrpc-{self._engine.model_info.model_id}"
+
+    def _usage(self, prepared: _Prepared, states: dict[int, _ChoiceState], cached_tokens: int = 0):
+        return responses.usage(prepared.prompt_tokens, sum(s.completion_tokens for s in states.values()),
+                               cached_tokens)
+
+    # ---- Chat ------------------------------------------------------------------------------------------
+
+    async def Chat(self, request, context):
+        async with contextlib.aclosing(self._run("Chat", context, lambda: self._chat_stream(request))) as chunks:
+            async for chunk in chunks:
+                yield chunk
+
+    def _chat_logprobs(self, prepared: _Prepared, items: list[TokenLogprob]):
+        if prepared.decoding.logprobs is None:
+            return NULL
+        return responses.chat_logprobs(self._engine.tokenizer, items)
+
+    async def _chat_stream(self, request: chat_pb2.ChatCompletionRequest):
+        if request.HasField("stream") and not request.stream:
+            raise InvalidArgument("stream", "'stream' is false; call CreateChatCompletion for a whole response.")
+        prepared = await self._prepare_chat(request)
+        base = dict(id=f"chatcmpl-{uuid.uuid4().hex}", object="chat.completion.chunk", created=int(time.time()),
+                    model=prepared.model, system_fingerprint=self._fingerprint())
+        states = {spec.index: _ChoiceState() for spec in prepared.specs}
+        dropped = prepared.dropped_messages or None
+
+        def chunk(index: int, delta: chat_pb2.ChatCompletionDelta, finish: str | None = None, logprobs=NULL, **extra):
+            return chat_pb2.ChatCompletionChunk(**base, **extra, choices=[chat_pb2.ChatCompletionChunkChoice(
+                index=index, delta=delta, logprobs=logprobs,
+                finish_reason=string_value(finish) if finish else NULL)])
+
+        async for event, last in self._events(prepared):
+            state = states[event.index]
+            state.pending_logprobs.extend(event.logprobs)
+            if not state.started:  # sent once the engine produced output, so early errors stay clean statuses
+                state.started = True
+                yield chunk(event.index, chat_pb2.ChatCompletionDelta(role="assistant", content=""),
+                            dropped_messages=dropped)
+                dropped = None
+            if event.text:
+                yield chunk(event.index, chat_pb2.ChatCompletionDelta(content=event.text),
+                            logprobs=self._chat_logprobs(prepared, state.pending_logprobs))
+                state.pending_logprobs = []
+            for call in event.tool_calls:
+                for call_delta in responses.tool_call_deltas(call):
+                    yield chunk(event.index, chat_pb2.ChatCompletionDelta(tool_calls=[call_delta]))
+            if event.finish_reason:
+                state.completion_tokens = event.completion_tokens
+                logprobs = (self._chat_logprobs(prepared, state.pending_logprobs) if state.pending_logprobs
+                            else NULL)
+                # Over gRPC the request's last chunk carries usage; the bridge moves it to the usage chunk.
+                extra = {"usage": self._usage(prepared, states, event.cached_tokens)} if last else {}
+                yield chunk(event.index, chat_pb2.ChatCompletionDelta(), event.finish_reason, logprobs, **extra)
+                if last and prepared.decoding.include_usage:
+                    yield chat_pb2.ChatCompletionChunk(**base, usage=self._usage(prepared, states, event.cached_tokens))
+
+    async def CreateChatCompletion(self, request, context):
+        return await self._single("CreateChatCompletion", context, lambda: self._chat_unary(request))
+
+    async def _collect(self, prepared: _Prepared) -> tuple[dict[int, _ChoiceState], int]:
+        states = {spec.index: _ChoiceState() for spec in prepared.specs}
+        cached = 0
+        async for event, _ in self._events(prepared):
+            state = states[event.index]
+            state.text.append(event.text)
+            state.tool_calls.extend(event.tool_calls)
+            state.logprobs.extend(event.logprobs)
+            if event.finish_reason:
+                state.finish_reason = event.finish_reason
+                state.completion_tokens = event.completion_tokens
+                cached = max(cached, event.cached_tokens)
+        return states, cached
+
+    async def _chat_unary(self, request: chat_pb2.ChatCompletionRequest):
+        if request.stream:
+            raise InvalidArgument("stream", "'stream' is true; call the streaming Chat RPC instead.")
+        prepared = await self._prepare_chat(request)
+        created = int(time.time())
+        states, cached = await self._collect(prepared)
+        choices = []
+        for index, state in sorted(states.items()):
+            text = "".join(state.text)
+            message = chat_pb2.ChatCompletionMessage(
+                role="assistant", refusal=NULL, tool_calls=[responses.tool_call(c) for c in state.tool_calls],
+                content=NULL if state.tool_calls and not text else string_value(text))
+            choices.append(chat_pb2.ChatCompletionChoice(index=index, message=message, finish_reason=state.finish_reason,
+                                                         logprobs=self._chat_logprobs(prepared, state.logprobs)))
+        yield chat_pb2.ChatCompletion(
+            id=f"chatcmpl-{uuid.uuid4().hex}", object="chat.completion", created=created, model=prepared.model,
+            system_fingerprint=self._fingerprint(), usage=self._usage(prepared, states, cached), choices=choices,
+            dropped_messages=prepared.dropped_messages or None)
+
+    # ---- Generate --------------------------------------------------------------------------------------
+
+    async def Generate(self, request, context):
+        async with contextlib.aclosing(self._run("Generate", context,
+                                                 lambda: self._generate_stream(request))) as chunks:
+            async for chunk in chunks:
+                yield chunk
+
+    def _completion_logprobs(self, prepared: _Prepared, items: list[TokenLogprob], offset: int):
+        if prepared.decoding.logprobs is None:
+            return NULL
+        return responses.completion_logprobs(self._engine.tokenizer, items, offset)
+
+    async def _generate_stream(self, request: completion_pb2.CompletionRequest):
+        if request.HasField("stream") and not request.stream:
+            raise InvalidArgument("stream", "'stream' is false; call CreateCompletion for a whole response.")
+        prepared = await self._prepare_completion(request)
+        base = dict(id=f"cmpl-{uuid.uuid4().hex}", object="text_completion", created=int(time.time()),
+                    model=prepared.model, system_fingerprint=self._fingerprint())
+        states = {spec.index: _ChoiceState() for spec in prepared.specs}
+        offsets = dict.fromkeys(states, 0)
+        async for event, last in self._events(prepared):
+            state = states[event.index]
+            text = event.text
+            if not state.started:
+                state.started = True
+                text = prepared.echo_texts.get(event.index, "") + text
+            logprobs = self._completion_logprobs(prepared, list(event.logprobs), offsets[event.index])
+            offsets[event.index] += len(text)
+            if event.finish_reason:
+                state.completion_tokens = event.completion_tokens
+            usage = self._usage(prepared, states, event.cached_tokens) if last else None
+            yield completion_pb2.Completion(**base, usage=usage, choices=[completion_pb2.CompletionChoice(
+                index=event.index, text=text, logprobs=logprobs,
+                finish_reason=string_value(event.finish_reason) if event.finish_reason else NULL)])
+            if last and prepared.decoding.include_usage:
+                yield completion_pb2.Completion(**base, usage=usage)
+
+    async def CreateCompletion(self, request, context):
+        return await self._single("CreateCompletion", context, lambda: self._completion_unary(request))
+
+    async def _completion_unary(self, request: completion_pb2.CompletionRequest):
+        if request.stream:
+            raise InvalidArgument("stream", "'stream' is true; call the streaming Generate RPC instead.")
+        prepared = await self._prepare_completion(request)
+        created = int(time.time())
+        states, cached = await self._collect(prepared)
+        choices = []
+        for index, state in sorted(states.items()):
+            echo = prepared.echo_texts.get(index, "")
+            choices.append(completion_pb2.CompletionChoice(
+                index=index, text=echo + "".join(state.text), finish_reason=string_value(state.finish_reason),
+                logprobs=self._completion_logprobs(prepared, state.logprobs, len(echo))))
+        yield completion_pb2.Completion(
+            id=f"cmpl-{uuid.uuid4().hex}", object="text_completion", created=created, model=prepared.model,
+            system_fingerprint=self._fingerprint(), usage=self._usage(prepared, states, cached), choices=choices)
+
+    # ---- models ----------------------------------------------------------------------------------------
+
+    async def _single(self, method, context, body):
+        async with contextlib.aclosing(self._run(method, context, body)) as replies:
+            async for reply in replies:
+                return reply
+        raise AssertionError("unreachable: _run either yields or aborts")
+
+    def _model(self) -> model_pb2.Model:
+        info = self._engine.model_info
+        return model_pb2.Model(id=info.model_id, object="model", created=self._created, owned_by=info.owned_by,
+                               context_length_tokens=info.context_length_tokens)
+
+    async def ListModels(self, request, context):
+        async def body():
+            self._check_ready()
+            yield model_pb2.ListModelsResponse(object="list", data=[self._model()])
+        return await self._single("ListModels", context, body)
+
+    async def GetModel(self, request, context):
+        async def body():
+            self._check_model(request.model)
+            yield self._model()
+        return await self._single("GetModel", context, body)

@@ -1,0 +1,52 @@
+"""Shared fixtures. `stack` starts the real thing (`genrpc up`: service + bridge + Envoy on CPU with the
+bundled model) once per session on free loopback ports, waits for readiness, and stops it at the end."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+
+import pytest
+
+from genrpc import processes
+from genrpc.settings import DEFAULT_MODEL_ID
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Stack:
+    def __init__(self, ports: dict[str, int]):
+        self.ports = ports
+        self.model = DEFAULT_MODEL_ID
+        self.openai_base_url = f"http://127.0.0.1:{ports['envoy_port']}/v1"
+        self.envoy_address = f"127.0.0.1:{ports['envoy_port']}"
+        self.grpc_address = f"127.0.0.1:{ports['grpc_port']}"
+        self.metrics_url = f"http://127.0.0.1:{ports['metrics_port']}/metrics"
+        self.bridge_url = f"http://127.0.0.1:{ports['bridge_port']}"
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory):
+    ports = {name: free_port() for name in ("grpc_port", "bridge_port", "envoy_port", "envoy_admin_port",
+                                            "metrics_port")}
+    env = {f"GENRPC_{name.upper()}": str(port) for name, port in ports.items()}
+    env["GENRPC_SHUTDOWN_GRACE_S"] = "2"
+    log_path = tmp_path_factory.mktemp("stack") / "genrpc-up.log"
+    child = processes.spawn("genrpc up", [sys.executable, "-m", "genrpc.cli", "up", "--envoy-base-id",
+                                          str(os.getpid() % 10000 + 100)], env=env, log_path=str(log_path))
+    try:
+        processes.wait_until(processes.http_ok(f"http://127.0.0.1:{ports['envoy_admin_port']}/ready"), child,
+                             900, "ready (Envoy admin /ready)")
+        processes.wait_until(processes.grpc_serving(f"127.0.0.1:{ports['grpc_port']}"), child, 60, "SERVING")
+        yield Stack(ports)
+    finally:
+        child.stop(timeout_s=30)
+        # `genrpc up` must stop every child it started: nothing may still listen on the stack's ports.
+        for name, port in ports.items():
+            with socket.socket() as s:
+                assert s.connect_ex(("127.0.0.1", port)) != 0, f"{name} {port} still open after stop"
