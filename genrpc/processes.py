@@ -26,6 +26,13 @@ class Child:
     log_path: str | None = None
     _log_file: object | None = field(default=None, repr=False)
 
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
     def output_tail(self, lines: int = 60) -> str:
         if not self.log_path:
             return "(output went to the terminal)"
@@ -33,12 +40,13 @@ class Child:
             return "".join(f.readlines()[-lines:])
 
     def ensure_alive(self) -> None:
-        if self.process.poll() is not None:
+        if not self.alive():
             raise ChildDied(f"{self.name} exited with code {self.process.returncode} before it was ready:\n"
                             f"{self.output_tail()}")
 
-    def stop(self, timeout_s: float = 30.0) -> None:
-        if self.process.poll() is None:
+    def stop(self, timeout_s: float = 30.0) -> int:
+        """SIGTERM, then SIGKILL after `timeout_s`. Returns the exit code."""
+        if self.alive():
             self.process.send_signal(signal.SIGTERM)
             try:
                 self.process.wait(timeout=timeout_s)
@@ -47,10 +55,11 @@ class Child:
                 self.process.wait()
         if self._log_file is not None:
             self._log_file.close()
+        return self.process.returncode
 
 
-def spawn(name: str, argv: list[str], *, env: dict[str, str] | None = None, log_path: str | None = None,
-          cwd: str | None = None) -> Child:
+def spawn(name: str, argv: list[str], *, env: dict[str, str] | None = None, log_path: str | os.PathLike | None = None,
+          cwd: str | os.PathLike | None = None) -> Child:
     """Starts a child in its own process group (Ctrl-C in a terminal reaches only the parent, which then
     stops the children in order)."""
     log_file = open(log_path, "wb") if log_path else None  # noqa: SIM115 - closed by Child.stop
@@ -60,18 +69,21 @@ def spawn(name: str, argv: list[str], *, env: dict[str, str] | None = None, log_
     return Child(name, process, log_path, log_file)
 
 
-def wait_until(ready: Callable[[], bool], child: Child, timeout_s: float, what: str) -> None:
+def wait_until(ready: Callable[[], bool], child: Child | None, timeout_s: float, what: str,
+               interval_s: float = 0.02) -> None:
     """Polls `ready` until it returns True; fails at once (with the child's output) if the child dies."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        child.ensure_alive()
+        if child is not None:
+            child.ensure_alive()
         try:
             if ready():
                 return
         except (OSError, grpc.RpcError, urllib.error.URLError):
             pass
-        time.sleep(0.05)
-    raise TimeoutError(f"{child.name} was not {what} within {timeout_s:.0f} s:\n{child.output_tail()}")
+        time.sleep(interval_s)
+    name, output = (child.name, child.output_tail()) if child is not None else ("condition", "")
+    raise TimeoutError(f"{name} was not {what} within {timeout_s:.0f} s:\n{output}")
 
 
 def grpc_serving(address: str) -> Callable[[], bool]:
@@ -82,8 +94,11 @@ def grpc_serving(address: str) -> Callable[[], bool]:
     return check
 
 
-def http_ok(url: str) -> Callable[[], bool]:
+def http_ok(url: str, timeout_s: float = 1.0) -> Callable[[], bool]:
     def check() -> bool:
-        with urllib.request.urlopen(url, timeout=1) as response:
-            return response.status == 200
+        try:
+            with urllib.request.urlopen(url, timeout=timeout_s) as response:  # noqa: S310 - loopback URLs
+                return response.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
     return check

@@ -11,16 +11,14 @@ import contextlib
 import itertools
 import os
 import socket
-import subprocess
-import tempfile
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from genrpc import envoy_config
+from genrpc.processes import Child as Proc
+from genrpc.processes import http_ok, spawn, wait_until  # noqa: F401 - re-exported for the tests
 
 HOST = "127.0.0.1"
 _base_ids = itertools.count(1)
@@ -37,67 +35,6 @@ def next_base_id() -> int:
     return (os.getpid() % 5000) * 20 + next(_base_ids) % 20 + 100
 
 
-class Proc:
-    """A child process whose stdout+stderr go to a log file (no pipe can fill up and block it)."""
-
-    def __init__(self, name: str, argv: Sequence[str], *, env: dict[str, str] | None = None,
-                 cwd: str | Path | None = None, log_path: str | Path | None = None):
-        self.name = name
-        self.argv = list(argv)
-        if log_path is None:
-            fd, log_path = tempfile.mkstemp(prefix=f"{name}-", suffix=".log")
-            os.close(fd)
-        self.log_path = Path(log_path)
-        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        full_env = {**os.environ, **(env or {})}
-        self.popen = subprocess.Popen(self.argv, stdout=self._log, stderr=subprocess.STDOUT, env=full_env,
-                                      cwd=cwd, start_new_session=True)
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    def alive(self) -> bool:
-        return self.popen.poll() is None
-
-    def output(self, tail_chars: int = 6000) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-tail_chars:]
-        except OSError:
-            return ""
-
-    def check_alive(self) -> None:
-        if not self.alive():
-            raise RuntimeError(f"{self.name} exited with {self.popen.returncode}; output:\n{self.output()}")
-
-    def stop(self, timeout_s: float = 10.0) -> int:
-        """SIGTERM, then SIGKILL after timeout_s. Returns the exit code."""
-        if self.alive():
-            self.popen.terminate()
-            try:
-                self.popen.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait(timeout_s)
-        self._log.close()
-        return self.popen.returncode
-
-
-def wait_until(predicate: Callable[[], bool], proc: Proc | None, timeout_s: float, what: str,
-               interval_s: float = 0.02) -> None:
-    """Polls `predicate` until true; fails at once (with the child's output) if `proc` dies."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        if proc is not None:
-            proc.check_alive()
-        if predicate():
-            return
-        if time.monotonic() > deadline:
-            out = f"; output:\n{proc.output()}" if proc is not None else ""
-            raise TimeoutError(f"{proc.name if proc else 'condition'} not {what} after {timeout_s}s{out}")
-        time.sleep(interval_s)
-
-
 async def async_wait_until(predicate: Callable[[], bool], proc: Proc | None, timeout_s: float, what: str,
                            interval_s: float = 0.02) -> None:
     """`wait_until` for async tests: yields to the event loop between polls (so in-process servers run)."""
@@ -106,24 +43,13 @@ async def async_wait_until(predicate: Callable[[], bool], proc: Proc | None, tim
     deadline = time.monotonic() + timeout_s
     while True:
         if proc is not None:
-            proc.check_alive()
+            proc.ensure_alive()
         if await asyncio.to_thread(predicate):
             return
         if time.monotonic() > deadline:
-            out = f"; output:\n{proc.output()}" if proc is not None else ""
+            out = f"; output:\n{proc.output_tail()}" if proc is not None else ""
             raise TimeoutError(f"{proc.name if proc else 'condition'} not {what} after {timeout_s}s{out}")
         await asyncio.sleep(interval_s)
-
-
-def http_ok(url: str, timeout_s: float = 1.0) -> Callable[[], bool]:
-    def check() -> bool:
-        try:
-            with urllib.request.urlopen(url, timeout=timeout_s) as r:  # noqa: S310 - loopback test URL
-                return r.status == 200
-        except (urllib.error.URLError, OSError):
-            return False
-
-    return check
 
 
 def tcp_open(host: str, port: int) -> Callable[[], bool]:
@@ -173,8 +99,8 @@ def start_envoy(workdir: Path, *, grpc_port: int, bridge_port: int, grpc_host: s
         listen_host=HOST, listen_port=port, admin_port=admin_port, grpc_host=grpc_host, grpc_port=grpc_port,
         bridge_host=bridge_host, bridge_port=bridge_port,
         descriptor_path=envoy_config.default_descriptor_path(), **options))
-    proc = Proc(name, envoy_config.envoy_command(config_path, base_id=next_base_id(), log_level=log_level),
-                log_path=Path(workdir) / f"{name}.log")
+    proc = spawn(name, envoy_config.envoy_command(config_path, base_id=next_base_id(), log_level=log_level),
+                 log_path=Path(workdir) / f"{name}.log")
     handle = EnvoyHandle(proc, port, admin_port, config_path)
     try:
         wait_until(http_ok(f"{handle.admin_url}/ready"), proc, timeout_s, "ready (admin /ready)")

@@ -10,13 +10,8 @@ import sys
 import pytest
 
 from genrpc import processes
+from _procs import free_port
 from genrpc.settings import DEFAULT_MODEL_ID
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Stack:

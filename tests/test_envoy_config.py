@@ -584,7 +584,7 @@ async def test_api_keys_file_enforced_by_envoy(tmp_path, backend, bridge):
     import sys
     from pathlib import Path
 
-    from _procs import Proc, http_ok, next_base_id, wait_until
+    from _procs import http_ok, next_base_id, spawn, wait_until
 
     keys = tmp_path / "keys"
     keys.write_text(KEYS_FILE)
@@ -597,8 +597,8 @@ async def test_api_keys_file_enforced_by_envoy(tmp_path, backend, bridge):
          f"--descriptor={envoy_config.default_descriptor_path()}", f"--output={config}"],
         capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    proc = Proc("envoy-keys-file", envoy_config.envoy_command(config, base_id=next_base_id()),
-                log_path=tmp_path / "envoy.log")
+    proc = spawn("envoy-keys-file", envoy_config.envoy_command(config, base_id=next_base_id()),
+                 log_path=tmp_path / "envoy.log")
     try:
         await asyncio.to_thread(wait_until, http_ok(f"http://{HOST}:{admin_port}/ready"), proc, 30, "ready")
         async with httpx.AsyncClient(base_url=f"http://{HOST}:{port}", timeout=30) as http:
