@@ -183,6 +183,33 @@ def _metadata_and_timeout(request: Request) -> tuple[list[tuple[str, str]], floa
     return md, timeout
 
 
+DISCONNECTED = object()  # await_first_message: the client left before the first message
+
+
+async def await_first_message(call: Any, receive: Any) -> tuple[Any, Any]:
+    """Waits for a stream's first message (None for an empty stream) before any response header is sent, so
+    an early gRPC error becomes a normal HTTP error (raised as AioRpcError). A client that gives up meanwhile
+    (queued behind other requests, long prompt) cancels the call: returns DISCONNECTED."""
+    iterator = call.__aiter__()
+    first_task = asyncio.ensure_future(iterator.__anext__())
+    disconnect_task = asyncio.ensure_future(_wait_disconnect(receive))
+    try:
+        await asyncio.wait({first_task, disconnect_task}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        disconnect_task.cancel()
+        if not first_task.done():
+            call.cancel()
+            first_task.cancel()
+        with contextlib.suppress(BaseException):
+            await disconnect_task
+    if first_task.cancelled() or not first_task.done():
+        return iterator, DISCONNECTED
+    try:
+        return iterator, first_task.result()
+    except StopAsyncIteration:
+        return iterator, None
+
+
 def create_app(settings: Any) -> Starlette:
     """The bridge ASGI app. One shared grpc.aio channel to `settings.grpc_address()` (created on first use
     in the running loop, closed on shutdown)."""
@@ -225,28 +252,12 @@ def create_app(settings: Any) -> Starlette:
                                            separators=(",", ":"), ensure_ascii=False).encode(),
                                 media_type="application/json")
             call = getattr(s, ep.stream_method)(req, metadata=md, timeout=timeout)
-            iterator = call.__aiter__()
-            # Wait for the first message (or the error) before sending any header, watching for a client
-            # that gives up meanwhile (queued behind other requests, long prompt): that cancels the call too.
-            first_task = asyncio.ensure_future(iterator.__anext__())
-            disconnect_task = asyncio.ensure_future(_wait_disconnect(request.receive))
             try:
-                await asyncio.wait({first_task, disconnect_task}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                disconnect_task.cancel()
-                if not first_task.done():
-                    call.cancel()
-                    first_task.cancel()
-                with contextlib.suppress(BaseException):
-                    await disconnect_task
-            if first_task.cancelled() or not first_task.done():
-                return Response(status_code=499)  # nobody is listening any more
-            try:
-                first = first_task.result()
-            except StopAsyncIteration:
-                first = None  # an empty (but OK) stream: 200 + [DONE]
+                iterator, first = await await_first_message(call, request.receive)
             except grpc.aio.AioRpcError as e:
                 return _error_response(from_rpc_error(e))
+            if first is DISCONNECTED:
+                return Response(status_code=499)  # nobody is listening any more
             include_usage = req.HasField("stream_options") and req.stream_options.include_usage
             return _SSEStream(call, iterator, first, include_usage)
 

@@ -482,7 +482,7 @@ def _wants_sse(request: Request) -> bool:
 
 def routes(stub: Callable[[], Any]) -> list[Route]:
     """The DashScope routes, calling the service through `stub()` (the bridge's shared GenerationServiceStub)."""
-    from bridge.app import _metadata_and_timeout, _wait_disconnect  # bridge.app imports this module
+    from bridge.app import DISCONNECTED, _metadata_and_timeout, await_first_message  # bridge.app imports this module
 
     async def text_generation(request: Request) -> Response | _DashScopeSSE:
         request_id = request.headers.get("x-request-id") or str(uuid.uuid4())
@@ -507,26 +507,12 @@ def routes(stub: Callable[[], Any]) -> list[Route]:
                 return _error_response(to_dashscope(from_rpc_error(e), request_id))
             return Response(_dumps(render_unary(plan, resp, request_id)), media_type="application/json")
         call = (s.Chat if plan.chat else s.Generate)(plan.request, metadata=md, timeout=timeout)
-        iterator = call.__aiter__()
-        first_task = asyncio.ensure_future(iterator.__anext__())
-        disconnect_task = asyncio.ensure_future(_wait_disconnect(request.receive))
         try:
-            await asyncio.wait({first_task, disconnect_task}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            disconnect_task.cancel()
-            if not first_task.done():
-                call.cancel()
-                first_task.cancel()
-            with contextlib.suppress(BaseException):
-                await disconnect_task
-        if first_task.cancelled() or not first_task.done():
-            return Response(status_code=499)
-        try:
-            first = first_task.result()
-        except StopAsyncIteration:
-            first = None
+            iterator, first = await await_first_message(call, request.receive)
         except grpc.aio.AioRpcError as e:
             return _error_response(to_dashscope(from_rpc_error(e), request_id))
+        if first is DISCONNECTED:
+            return Response(status_code=499)
         return _DashScopeSSE(call, iterator, first, StreamRenderer(plan, request_id))
 
     async def unknown(request: Request) -> Response:
