@@ -383,3 +383,19 @@ async def test_struct_key_order_is_canonical(served):
     assert list(sent) == sorted(sent)
     assert sent["properties"]["mid"]["maxLength"] == 4 and isinstance(sent["properties"]["mid"]["maxLength"], int)
     assert sent["properties"]["zeta"]["maximum"] == 2.5
+
+
+async def test_reflection_lists_services():
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+    server, port = create_server(Settings(grpc_port=0, metrics_port=-1), ScriptedEngine())
+    await server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:  # the reflection client is synchronous
+            database = ProtoReflectionDescriptorDatabase(channel)
+            services = await asyncio.to_thread(database.get_services)
+            assert {"genrpc.v1.GenerationService", "grpc.health.v1.Health"} <= set(services)
+            found = await asyncio.to_thread(database.FindFileContainingSymbol, "genrpc.v1.GenerationService")
+            assert found.name == "genrpc/v1/generation_service.proto"
+    finally:
+        await server.stop(0)
