@@ -26,6 +26,7 @@ class ChoiceSpec:
     sampling: SamplingParams
     stop: tuple[str, ...] = ()
     parse_tool_calls: bool = False
+    images: tuple[str, ...] = ()  # image URLs / data URIs, in prompt order (vision models only)
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,8 @@ class ChoiceEvent:
 
 
 async def _run_one(engine: Engine, spec: ChoiceSpec) -> AsyncIterator[ChoiceEvent]:
-    request = GenerationRequest(request_id=uuid.uuid4().hex, prompt_token_ids=spec.prompt_ids, sampling=spec.sampling)
+    request = GenerationRequest(request_id=uuid.uuid4().hex, prompt_token_ids=spec.prompt_ids, sampling=spec.sampling,
+                                images=spec.images)
     matcher = StopStringMatcher(spec.stop)
     parser = ToolCallParser() if spec.parse_tool_calls else None
     async with contextlib.aclosing(engine.generate(request)) as deltas:

@@ -3,6 +3,12 @@
 A template that cannot render tools (SmolLM2's plain ChatML, for one) gets them the way Qwen2.5's template
 renders them: a `# Tools` system section, assistant calls as `<tool_call>` blocks, and tool results as
 `<tool_response>` blocks in a user turn. So every model sees tools in the format the service parses back.
+
+Images (vision models only, see service/validation.py `_message_text`): a user message's content is then a list
+of Hugging Face multimodal parts, `{"type": "image", "url": ...}` / `{"type": "text", "text": ...}`. The template
+gets `{"type": "image"}` (no url) and writes the model's own image placeholder for it (Qwen2-VL/2.5-VL:
+`<|vision_start|><|image_pad|><|vision_end|>`); `message_images` lists the urls in the same order, which is the
+order the engine must receive them in.
 """
 
 from __future__ import annotations
@@ -53,7 +59,22 @@ def _inline_tools(messages: list[dict[str, Any]], tools: list[dict[str, Any]]) -
     return [{k: v for k, v in m.items() if not k.startswith("_")} for m in out]
 
 
+def message_images(messages: list[dict[str, Any]]) -> tuple[str, ...]:
+    """The image urls of a conversation, in the order the chat template places their placeholders."""
+    return tuple(part["url"] for m in messages if isinstance(m.get("content"), list)
+                 for part in m["content"] if part.get("type") == "image")
+
+
+def _template_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Multimodal parts as chat templates expect them: `{"type": "image"}` without the (maybe huge) url."""
+    if not any(isinstance(m.get("content"), list) for m in messages):
+        return messages
+    return [{**m, "content": [{"type": "image"} if p.get("type") == "image" else p for p in m["content"]]}
+            if isinstance(m.get("content"), list) else m for m in messages]
+
+
 def render_chat(tokenizer: Tokenizer, messages: list[dict[str, Any]], tools: list[dict[str, Any]]) -> list[int]:
+    messages = _template_messages(messages)
     needs_inlining = any(m["role"] == "tool" or m.get("tool_calls") for m in messages) or tools
     if needs_inlining and not tokenizer.supports_tools:
         return tokenizer.apply_chat_template(_inline_tools(messages, tools))
@@ -64,6 +85,16 @@ def fit_to_budget(tokenizer: Tokenizer, messages: list[dict[str, Any]], tools: l
                   budget_tokens: int) -> tuple[list[int], int]:
     """Drops the oldest non-system messages until the prompt fits `budget_tokens` (the last message always
     stays). Returns the prompt ids and how many messages were dropped; the prompt may still be too long."""
+    ids, _, dropped = fit_messages_to_budget(tokenizer, messages, tools, budget_tokens)
+    return ids, dropped
+
+
+def fit_messages_to_budget(tokenizer: Tokenizer, messages: list[dict[str, Any]], tools: list[dict[str, Any]],
+                           budget_tokens: int) -> tuple[list[int], list[dict[str, Any]], int]:
+    """`fit_to_budget` that also returns the messages kept (their images are the request's images).
+
+    Image tokens are counted as the template's placeholders only: the engine expands each image later, so with
+    images the budget is approximate (the engine refuses a prompt that ends up over its context)."""
     kept = list(messages)
     dropped = 0
     ids = render_chat(tokenizer, kept, tools)
@@ -78,4 +109,4 @@ def fit_to_budget(tokenizer: Tokenizer, messages: list[dict[str, Any]], tools: l
             del kept[droppable[0]]
             dropped += 1
         ids = render_chat(tokenizer, kept, tools)
-    return ids, dropped
+    return ids, kept, dropped

@@ -24,7 +24,7 @@ from service.engines.base import Engine, SamplingParams, TokenLogprob
 from service.errors import ContextLengthExceeded, InvalidArgument, ModelNotFound, NotReady, ServiceError, abort, \
     from_engine_error
 from service.metrics import ServiceMetrics
-from service.prompts import fit_to_budget, render_chat
+from service.prompts import fit_messages_to_budget, message_images, render_chat
 from service.responses import NULL, string_value
 
 log = logging.getLogger("genrpc.service")
@@ -55,6 +55,7 @@ class _Prepared:
     decoding: validation.Decoding
     echo_texts: dict[int, str] = field(default_factory=dict)  # choice index -> prompt text (completions echo)
     dropped_messages: int = 0
+    images: tuple[str, ...] = ()  # chat on a vision model: the prompt's images, in order
 
 
 class GenerationServicer(generation_service_pb2_grpc.GenerationServiceServicer):
@@ -111,19 +112,26 @@ class GenerationServicer(generation_service_pb2_grpc.GenerationServiceServicer):
             logprobs=decoding.logprobs, ignore_eos=decoding.ignore_eos, min_tokens=decoding.min_tokens,
             json_schema=constraint.json_schema, ebnf=constraint.ebnf)
 
-    def _render_chat(self, job: validation.ChatJob) -> tuple[list[int], int]:
+    def _render_chat(self, job: validation.ChatJob) -> tuple[list[int], int, tuple[str, ...]]:
+        """Prompt ids, messages dropped by `truncation: auto`, and the images of the messages kept (in the
+        order of their placeholders in the prompt)."""
         tools = job.tools if job.tool_choice != "none" else []
         tokenizer = self._engine.tokenizer
         if not job.truncate:
-            return render_chat(tokenizer, job.messages, tools), 0
+            return render_chat(tokenizer, job.messages, tools), 0, message_images(job.messages)
         context = self._engine.model_info.context_length_tokens
         reserve = job.decoding.max_tokens or min(TRUNCATION_MIN_COMPLETION_TOKENS, context // 4)
-        return fit_to_budget(tokenizer, job.messages, tools, context - reserve)
+        ids, kept, dropped = fit_messages_to_budget(tokenizer, job.messages, tools, context - reserve)
+        return ids, dropped, message_images(kept)
 
     async def _prepare_chat(self, request: chat_pb2.ChatCompletionRequest) -> _Prepared:
-        job = validation.chat_job(request, vocab_size=self._engine.tokenizer.vocab_size)
+        self._check_ready()  # model_info (accepts_images) and the tokenizer exist once the engine started
+        job = validation.chat_job(request, vocab_size=self._engine.tokenizer.vocab_size,
+                                  image_input=self._engine.model_info.accepts_images)
         self._check_model(job.model)
-        ids, dropped = await asyncio.to_thread(self._render_chat, job)
+        # Prompt tokens count each image as its template placeholder; the engine expands it (and reports the
+        # real prompt_tokens) and refuses a prompt that ends up over its context.
+        ids, dropped, images = await asyncio.to_thread(self._render_chat, job)
         max_tokens = self._max_tokens(len(ids), job.decoding.max_tokens)
         if job.tool_choice == "required" or isinstance(job.tool_choice, dict):
             forced = job.tools if job.tool_choice == "required" else [
@@ -134,8 +142,8 @@ class GenerationServicer(generation_service_pb2_grpc.GenerationServiceServicer):
             constraint = response_format_constraint(job.response_format)
         parse_tools = bool(job.tools) and job.tool_choice != "none"
         specs = [ChoiceSpec(i, ids, self._sampling(job.decoding, max_tokens, i, constraint), job.decoding.stop,
-                            parse_tools) for i in range(job.decoding.n)]
-        return _Prepared(job.model, specs, len(ids), job.decoding, dropped_messages=dropped)
+                            parse_tools, images) for i in range(job.decoding.n)]
+        return _Prepared(job.model, specs, len(ids), job.decoding, dropped_messages=dropped, images=images)
 
     async def _prepare_completion(self, request: completion_pb2.CompletionRequest) -> _Prepared:
         job = validation.completion_job(request, vocab_size=self._engine.tokenizer.vocab_size)
@@ -195,6 +203,8 @@ class GenerationServicer(generation_service_pb2_grpc.GenerationServiceServicer):
                 if event.finish_reason:
                     unfinished -= 1
                     completion_tokens += event.completion_tokens
+                    if prepared.images:  # the engine counted the expanded images; the service only placeholders
+                        prepared.prompt_tokens = max(prepared.prompt_tokens, event.prompt_tokens)
                 yield event, unfinished == 0
         self._metrics.prompt_tokens.inc(prepared.prompt_tokens)
         self._metrics.completion_tokens.inc(completion_tokens)

@@ -7,8 +7,12 @@ are not supported are refused with INVALID_ARGUMENT naming the field. Nothing is
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import math
+import re
+import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,7 +54,9 @@ class Decoding:
 @dataclass(frozen=True)
 class ChatJob:
     model: str
-    messages: list[dict[str, Any]]  # Hugging Face chat-template shape
+    # Hugging Face chat-template shape; a user message with images has a list of parts as content (see
+    # _message_text), every other content is a string.
+    messages: list[dict[str, Any]]
     decoding: Decoding
     tools: list[dict[str, Any]] = field(default_factory=list)  # OpenAI tool JSON
     tool_choice: str | dict[str, Any] = "auto"  # none | auto | required | {"type": "function", ...}
@@ -181,7 +187,58 @@ def _decoding(request: Any, max_tokens: int | None, logprobs: int | None, vocab_
 
 # ---- chat -----------------------------------------------------------------------------------------------
 
-def _message_text(index: int, message: chat_pb2.ChatMessage, image_input: bool) -> str | None:
+# Images per chat request when the model accepts images (each one costs the vision encoder and hundreds to
+# thousands of prompt tokens once the engine expands its placeholder).
+MAX_IMAGES_PER_REQUEST = 8
+IMAGE_DETAILS = ("auto", "low", "high")
+_DATA_IMAGE = re.compile(r"data:image/[A-Za-z0-9.+-]+;base64,(?P<payload>.*)", re.DOTALL)
+
+
+def _image_url(part_name: str, part: dict[str, Any]) -> str:
+    """The URL of one `image_url` part: an http(s) URL or a `data:image/...;base64,` URI, else a 400.
+
+    Nothing else goes through: SGLang 0.5.23's loader (srt/utils/common.py `load_image`) would also open
+    `file://` URLs, bare paths ending in an image extension and raw base64, i.e. read the server's own disk.
+    """
+    image_url = part.get("image_url")
+    if isinstance(image_url, str):  # some clients send the URL itself; OpenAI's shape is {"url", "detail"}
+        image_url = {"url": image_url}
+    if not isinstance(image_url, dict) or not isinstance(image_url.get("url"), str):
+        raise InvalidArgument(f"{part_name}.image_url", f"'{part_name}.image_url' must be an object like "
+                                                        "{'url': 'https://...'}.")
+    detail = image_url.get("detail", "auto")
+    if detail not in IMAGE_DETAILS:
+        raise InvalidArgument(f"{part_name}.image_url.detail", f"'{part_name}.image_url.detail' must be one of "
+                                                               f"{list(IMAGE_DETAILS)}, got {detail!r}.")
+    unknown = sorted(set(image_url) - {"url", "detail"})
+    if unknown:
+        raise InvalidArgument(f"{part_name}.image_url", f"'{part_name}.image_url' has unknown field(s) {unknown}.")
+    url = image_url["url"]
+    data = _DATA_IMAGE.fullmatch(url)
+    if data is not None:
+        try:
+            ok = bool(data["payload"]) and bool(base64.b64decode(data["payload"], validate=True))
+        except (binascii.Error, ValueError):
+            ok = False
+        if not ok:
+            raise InvalidArgument(f"{part_name}.image_url.url",
+                                  f"'{part_name}.image_url.url' is a data URI whose payload is not valid base64.")
+        return url
+    parsed = urllib.parse.urlsplit(url)
+    if parsed.scheme in ("http", "https") and parsed.hostname and not any(c.isspace() for c in url):
+        return url
+    shown = url if len(url) <= 40 else url[:37] + "..."
+    raise InvalidArgument(f"{part_name}.image_url.url",
+                          f"'{part_name}.image_url.url' must be an http(s) URL or a 'data:image/<type>;base64,...' "
+                          f"URI, got {shown!r}.")
+
+
+def _message_text(index: int, message: chat_pb2.ChatMessage, image_input: bool,
+                  images_before: int = 0) -> str | list[dict[str, Any]] | None:
+    """A message's content for the chat template: its text, or (a vision model, a user message with images) Hugging
+    Face multimodal parts in the client's order, `{"type": "image", "url": ...}` and `{"type": "text", "text": ...}`
+    (service/prompts.py drops the url before templating, so the model's own template places its image tokens).
+    `images_before` counts the images of earlier messages, for the per-request cap."""
     name = f"messages[{index}].content"
     if not _has(message, "content"):
         return None
@@ -190,21 +247,38 @@ def _message_text(index: int, message: chat_pb2.ChatMessage, image_input: bool) 
         return content
     if not isinstance(content, list):
         raise InvalidArgument(name, f"'{name}' must be a string or an array of content parts.")
-    texts = []
+    parts: list[dict[str, Any]] = []
+    images = 0
     for part_index, part in enumerate(content):
         part_name = f"{name}[{part_index}]"
         part_type = part.get("type") if isinstance(part, dict) else None
         if part_type == "text" and isinstance(part.get("text"), str):
-            texts.append(part["text"])
+            parts.append({"type": "text", "text": part["text"]})
         elif part_type in ("image_url", "input_audio", "file"):
             kind = {"image_url": "images", "input_audio": "audio", "file": "files"}[part_type]
             if part_type != "image_url" or not image_input:
                 raise UnsupportedParameter(part_name, f"'{part_name}' is {part_type}, but this model does not "
                                                       f"accept {kind}; send text only.")
+            if message.role != "user":
+                raise InvalidArgument(part_name, f"'{part_name}' is an image in a '{message.role}' message; only "
+                                                 "'user' messages may hold images.")
+            url = _image_url(part_name, part)
+            images += 1
+            if images_before + images > MAX_IMAGES_PER_REQUEST:
+                raise InvalidArgument(part_name, f"'{part_name}' is image number {images_before + images} of this "
+                                                 f"request; at most {MAX_IMAGES_PER_REQUEST} images are allowed.")
+            parts.append({"type": "image", "url": url})
         else:
             raise InvalidArgument(part_name, f"'{part_name}' must be a content part like "
                                              "{'type': 'text', 'text': ...}.")
-    return "".join(texts)
+    if not images:
+        return "".join(p["text"] for p in parts)
+    return parts
+
+
+def message_image_count(content: Any) -> int:
+    """How many images a validated message content holds (0 for a string)."""
+    return sum(1 for p in content if p.get("type") == "image") if isinstance(content, list) else 0
 
 
 def _tool_calls(index: int, message: chat_pb2.ChatMessage) -> list[dict[str, Any]]:
@@ -227,11 +301,13 @@ def _chat_messages(request: chat_pb2.ChatCompletionRequest, image_input: bool) -
     if not request.messages:
         raise InvalidArgument("messages", "'messages' must hold at least one message.")
     messages = []
+    images = 0
     for index, message in enumerate(request.messages):
         if message.role not in CHAT_ROLES:
             raise InvalidArgument(f"messages[{index}].role", f"'messages[{index}].role' must be one of "
                                                              f"{sorted(CHAT_ROLES)}, got '{message.role}'.")
-        text = _message_text(index, message, image_input)
+        text = _message_text(index, message, image_input, images)
+        images += message_image_count(text)
         calls = _tool_calls(index, message) if message.role == "assistant" else []
         if text is None and not calls:
             raise InvalidArgument(f"messages[{index}].content", f"'messages[{index}].content' is required.")

@@ -16,6 +16,17 @@ class CharTokenizer:
     vocab_size = 0x110000
     supports_tools = False
 
+    def __init__(self) -> None:
+        self.templated: list[list[dict]] = []  # the messages of every apply_chat_template call
+
+    @staticmethod
+    def _content(content) -> str:
+        """A string, or Hugging Face multimodal parts: an image renders as `<image>` (a vision template's
+        placeholder), text as itself."""
+        if isinstance(content, str):
+            return content
+        return "".join("<image>" if p["type"] == "image" else p["text"] for p in content)
+
     def encode(self, text: str) -> list[int]:
         return [ord(c) for c in text]
 
@@ -26,14 +37,17 @@ class CharTokenizer:
         return chr(token_id).encode()
 
     def apply_chat_template(self, messages, tools=None) -> list[int]:
-        return self.encode("".join(f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>")
+        self.templated.append(messages)
+        return self.encode("".join(f"<{m['role']}>{self._content(m['content'])}" for m in messages) + "<assistant>")
 
 
 class ScriptedEngine:
-    def __init__(self, reply: str = "Hello world!", context_length: int = 256, step_delay_s: float = 0.0):
+    def __init__(self, reply: str = "Hello world!", context_length: int = 256, step_delay_s: float = 0.0,
+                 accepts_images: bool = False):
         self.reply = reply
         self.step_delay_s = step_delay_s
-        self._info = ModelInfo(model_id="scripted", context_length_tokens=context_length)
+        self._info = ModelInfo(model_id="scripted", context_length_tokens=context_length,
+                               accepts_images=accepts_images)
         self._tokenizer = CharTokenizer()
         self.running = 0
         self.started = False

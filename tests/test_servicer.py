@@ -399,3 +399,120 @@ async def test_reflection_lists_services():
             assert found.name == "genrpc/v1/generation_service.proto"
     finally:
         await server.stop(0)
+
+
+# ---- images (a vision model: the engine's ModelInfo.accepts_images) ----------------------------------------
+
+PNG_DATA_URI = "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR4nGP4z8DwHwAFAAH/iZk9HQAAAABJRU5ErkJggg=="
+
+
+@pytest.fixture
+async def vision():
+    engine = ScriptedEngine(reply="A cat.", context_length=4096, accepts_images=True)
+    server, channel = await serve_engine(engine)
+    try:
+        yield engine, generation_service_pb2_grpc.GenerationServiceStub(channel)
+    finally:
+        await channel.close()
+        await server.stop(0)
+
+
+def image_part(url: str, **extra) -> dict:
+    return {"type": "image_url", "image_url": {"url": url, **extra}}
+
+
+async def test_images_reach_the_engine_in_order_with_template_parts(vision):
+    engine, stub = vision
+    messages = [
+        {"role": "system", "content": "describe"},
+        {"role": "user", "content": [image_part("https://example.com/a.png", detail="low"),
+                                     {"type": "text", "text": "and"}, image_part(PNG_DATA_URI, detail="auto")]},
+        {"role": "assistant", "content": "two"},
+        {"role": "user", "content": [{"type": "text", "text": "now "}, image_part("http://example.com/c.jpg"),
+                                     {"type": "text", "text": "?"}]},
+        {"role": "user", "content": [{"type": "text", "text": "plain"}]},
+    ]
+    reply = await stub.CreateChatCompletion(chat(messages=messages, n=2, seed=1))
+    assert [c.message.content.string_value for c in reply.choices] == ["A cat.", "A cat."]
+    expected = ("https://example.com/a.png", PNG_DATA_URI, "http://example.com/c.jpg")
+    assert [r.images for r in engine.requests] == [expected, expected]  # every choice gets them, in order
+    templated = engine.tokenizer.templated[-1]
+    assert templated[1]["content"] == [{"type": "image"}, {"type": "text", "text": "and"}, {"type": "image"}]
+    assert templated[3]["content"] == [{"type": "text", "text": "now "}, {"type": "image"},
+                                       {"type": "text", "text": "?"}]
+    assert templated[0]["content"] == "describe" and templated[4]["content"] == "plain"  # no images: a string
+    prompt = "".join(chr(t) for t in engine.requests[-1].prompt_token_ids)
+    assert prompt == "<system>describe<user><image>and<image><assistant>two<user>now <image>?<user>plain<assistant>"
+
+
+async def test_text_only_request_on_a_vision_model_sends_no_images(vision):
+    engine, stub = vision
+    await stub.CreateChatCompletion(chat())
+    assert engine.requests[-1].images == ()
+
+
+async def test_truncation_keeps_only_the_images_of_kept_messages():
+    engine = ScriptedEngine(reply="ok", context_length=120, accepts_images=True)
+    server, channel = await serve_engine(engine)
+    stub = generation_service_pb2_grpc.GenerationServiceStub(channel)
+    history = [{"role": "user", "content": [image_part("https://example.com/old.png"),
+                                            {"type": "text", "text": "old " * 20}]},
+               {"role": "assistant", "content": "x" * 10},
+               {"role": "user", "content": [image_part("https://example.com/new.png"), {"type": "text", "text": "?"}]}]
+    reply = await stub.CreateChatCompletion(chat(messages=history, max_tokens=10, truncation="auto"))
+    assert reply.dropped_messages >= 1
+    assert engine.requests[-1].images == ("https://example.com/new.png",)
+    await channel.close()
+    await server.stop(0)
+
+
+@pytest.mark.parametrize("content, field", [
+    ([image_part("file:///etc/passwd")], "messages[0].content[0].image_url.url"),
+    ([image_part("/srv/cat.png")], "messages[0].content[0].image_url.url"),
+    ([{"type": "text", "text": "x"}, image_part("ftp://example.com/a.png")], "messages[0].content[1].image_url.url"),
+    ([image_part("https://")], "messages[0].content[0].image_url.url"),
+    ([image_part("iVBORw0KGgo=")], "messages[0].content[0].image_url.url"),  # bare base64
+    ([image_part("data:text/plain;base64,aGk=")], "messages[0].content[0].image_url.url"),
+    ([image_part("data:image/png;base64,not base64!")], "messages[0].content[0].image_url.url"),
+    ([image_part("data:image/png;base64,")], "messages[0].content[0].image_url.url"),
+    ([image_part("https://example.com/a.png", detail="ultra")], "messages[0].content[0].image_url.detail"),
+    ([{"type": "image_url"}], "messages[0].content[0].image_url"),
+    ([image_part(f"https://example.com/{i}.png") for i in range(9)], "messages[0].content[8]"),
+])
+async def test_bad_images_are_400s_naming_the_part(vision, content, field):
+    _, stub = vision
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.CreateChatCompletion(chat(messages=[{"role": "user", "content": content}]))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert details(caught.value)["BadRequest"].field_violations[0].field == field
+    assert field in caught.value.details()
+
+
+async def test_image_cap_counts_across_messages(vision):
+    _, stub = vision
+    first = {"role": "user", "content": [image_part(f"https://example.com/{i}.png") for i in range(5)]}
+    second = {"role": "user", "content": [image_part(f"https://example.com/b{i}.png") for i in range(4)]}
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.CreateChatCompletion(chat(messages=[first, second]))
+    assert details(caught.value)["BadRequest"].field_violations[0].field == "messages[1].content[3]"
+    assert "at most 8 images" in caught.value.details()
+
+
+async def test_images_only_in_user_messages(vision):
+    _, stub = vision
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.CreateChatCompletion(chat(messages=[
+            {"role": "system", "content": [image_part("https://example.com/a.png")]},
+            {"role": "user", "content": "hi"}]))
+    assert details(caught.value)["BadRequest"].field_violations[0].field == "messages[0].content[0]"
+
+
+async def test_text_only_model_still_refuses_images(served):
+    engine, stub, _ = served
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.CreateChatCompletion(chat(messages=[
+            {"role": "user", "content": [image_part("https://example.com/a.png")]}]))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "does not accept images" in caught.value.details()
+    assert details(caught.value)["BadRequest"].field_violations[0].field == "messages[0].content[0]"
+    assert engine.requests == []

@@ -40,8 +40,10 @@ from service.engines.sglang_mapping import (
     StreamNormalizer,
     UnsupportedParameterError,
     abort_error,
+    config_has_vision,
     engine_kwargs,
     generate_kwargs,
+    image_kwargs,
     map_finish_reason,
     to_sglang_sampling_params,
 )
@@ -359,9 +361,11 @@ class FakeTokenizerManager:
     """The slice of sglang's TokenizerManager the adapter uses: abort_request(rid=..., abort_all=...)
     (managers/tokenizer_manager.py, 0.5.23) and context_len."""
 
-    def __init__(self) -> None:
+    def __init__(self, vision: bool = False) -> None:
         self.aborts: list[dict[str, Any]] = []
         self.context_len = 32768
+        # init_tokenizer_and_processor: a multimodal processor only for a multimodal model, else None
+        self.mm_processor = object() if vision else None
 
     def abort_request(self, rid: str = "", abort_all: bool = False) -> None:
         self.aborts.append({"rid": rid, "abort_all": abort_all})
@@ -375,11 +379,12 @@ class FakeSGLangEngine:
 
     instances: list[FakeSGLangEngine] = []
     install_sigterm = False  # only the signal test turns this on (the test loop is shared by the session)
+    vision = False  # a vision-language model (its TokenizerManager has an mm_processor)
 
     def __init__(self, **kwargs: Any) -> None:
         self.kwargs = kwargs
         self.server_args = types.SimpleNamespace(incremental_streaming_output=False)
-        self.tokenizer_manager = FakeTokenizerManager()
+        self.tokenizer_manager = FakeTokenizerManager(vision=self.vision)
         self.calls: list[dict[str, Any]] = []
         self.closed: list[str] = []
         self.script = cumulative_stream
@@ -674,3 +679,65 @@ async def test_gpu_cancel_frees_the_slot(real_engine):
         await asyncio.sleep(0.05)
     assert real_engine._engine.tokenizer_manager.rid_to_state == {}
     assert real_engine.running_requests == 0
+
+
+# ------------------------------------------------------------------------------------------------------------
+# images (vision models)
+# ------------------------------------------------------------------------------------------------------------
+
+IMAGES = ("https://example.com/a.png", "data:image/png;base64,aGk=", "http://example.com/c.jpg")
+
+
+def test_image_kwargs_one_requests_list_in_order():
+    # io_struct.py GenerateReqInput (0.5.23): with a flat input_ids list (a single request) a list image_data is
+    # that request's images; tokenizer_manager.py passes it on to the model's mm_processor as is.
+    assert image_kwargs(()) == {}
+    assert image_kwargs(IMAGES) == {"image_data": list(IMAGES)}
+
+
+def test_config_has_vision(tmp_path):
+    assert not config_has_vision(str(tmp_path))  # no config.json
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["Qwen2ForCausalLM"]}))
+    assert not config_has_vision(str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["Qwen2_5_VLForConditionalGeneration"],
+                                                      "vision_config": {"depth": 32}}))
+    assert config_has_vision(str(tmp_path))
+
+
+async def test_vision_model_passes_image_data_with_the_ids():
+    FakeSGLangEngine.vision = True
+    try:
+        engine, fake = await _started_engine()
+    finally:
+        FakeSGLangEngine.vision = False
+    assert engine.model_info.accepts_images  # SGLang built a multimodal processor
+    assert "image_data" not in fake.calls[0]  # the warm-up is text only
+    request = GenerationRequest(request_id=uuid.uuid4().hex, prompt_token_ids=[1, 2, 3, 4, 5],
+                                sampling=SamplingParams(max_tokens=8), images=IMAGES)
+    deltas = [d async for d in engine.generate(request)]
+    call = fake.calls[-1]
+    assert call["input_ids"] == [1, 2, 3, 4, 5] and call["image_data"] == list(IMAGES)
+    assert deltas[-1].finish_reason is FinishReason.STOP
+    deltas = [d async for d in engine.generate(_request())]
+    assert "image_data" not in fake.calls[-1]  # a text request on a vision model carries none
+
+
+async def test_text_model_does_not_accept_images(tmp_path):
+    engine, fake = await _started_engine()
+    assert not engine.model_info.accepts_images  # tokenizer_manager.mm_processor is None
+    request = GenerationRequest(request_id=uuid.uuid4().hex, prompt_token_ids=[1, 2], images=IMAGES[:1],
+                                sampling=SamplingParams(max_tokens=8))
+    with pytest.raises(SGLangRequestError, match="does not accept images"):
+        async for _ in engine.generate(request):
+            pass
+    assert len(fake.calls) == 1  # only the warm-up reached SGLang
+
+
+async def test_accepts_images_from_config_json_without_mm_processor(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"vision_config": {"depth": 32}}))
+    engine = SGLangEngine(_settings(model=str(tmp_path)), engine_factory=FakeSGLangEngine, tokenizer=WordTokenizer())
+    await engine.start()
+    fake = FakeSGLangEngine.instances[-1]
+    del fake.tokenizer_manager.mm_processor  # another SGLang version: no such attribute
+    engine._model_info = engine._build_model_info()
+    assert engine.model_info.accepts_images

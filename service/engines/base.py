@@ -60,6 +60,11 @@ class GenerationRequest:
     request_id: str  # uuid4 hex; unique among live requests
     prompt_token_ids: Sequence[int]
     sampling: SamplingParams
+    # Images for a vision model (only sent when ModelInfo.accepts_images): http(s) URLs or
+    # `data:image/...;base64,` URIs, one per image placeholder the model's chat template put into
+    # prompt_token_ids, in the same order. The engine's multimodal processor expands each placeholder to the
+    # image's real token count, so the prompt the model sees is longer than prompt_token_ids.
+    images: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -89,6 +94,9 @@ class ModelInfo:
     # Used in `system_fingerprint` so clients can tell engine configurations apart.
     fingerprint: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    # Whether `GenerationRequest.images` is honoured (a vision model on an engine that passes images on).
+    # When False the service refuses `image_url` content parts with a 400.
+    accepts_images: bool = False
 
 
 @runtime_checkable

@@ -10,6 +10,9 @@ How it uses SGLang (all read from SGLang 0.5.23's source, see service/engines/sg
   there, so this module imports without sglang installed.
 - Requests go in as token ids (the service templated them with the same HF tokenizer) with a fresh uuid4-hex
   ``rid`` (SGLang's abort matches rids by *prefix*, so rids must never be prefixes of each other).
+- Vision models: ``model_info.accepts_images`` is SGLang's own verdict (its TokenizerManager built a multimodal
+  processor), and a request's images go along as ``image_data`` with the token ids, whose chat-template image
+  placeholders SGLang's processor expands (why ids suffice: sglang_mapping.py, "Images").
 - Items are cumulative (``incremental_streaming_output`` is False by default); `StreamNormalizer` turns
   them into GenerationDelta objects.
 - Cancel: the SGLang generator is held in ``contextlib.aclosing`` and, unless the request finished,
@@ -46,7 +49,9 @@ from service.engines.sglang_mapping import (
     StreamNormalizer,
     UnsupportedParameterError,
     engine_kwargs,
+    config_has_vision,
     generate_kwargs,
+    image_kwargs,
     to_sglang_sampling_params,
 )
 
@@ -157,7 +162,17 @@ class SGLangEngine:
             fingerprint += "-rope"
         return ModelInfo(model_id=s.model_id, context_length_tokens=context, fingerprint=fingerprint,
                          extra={"engine": "sglang", "sglang_version": SGLANG_VERSION, "tp_size": s.tp_size,
-                                "dp_size": s.dp_size, "tool_call_parser": s.tool_call_parser})
+                                "dp_size": s.dp_size, "tool_call_parser": s.tool_call_parser},
+                         accepts_images=self._accepts_images(tm))
+
+    def _accepts_images(self, tm: Any) -> bool:
+        """SGLang 0.5.23 processes images only when its TokenizerManager has a multimodal processor
+        (managers/tokenizer_manager.py ``init_tokenizer_and_processor``: ``model_config.is_multimodal`` and not
+        ``--language-model-only``; ``enable_multimodal`` can turn it off). Without that attribute (another
+        SGLang version), a ``vision_config`` in the model's config.json decides."""
+        if tm is not None and hasattr(tm, "mm_processor"):
+            return tm.mm_processor is not None
+        return config_has_vision(self._settings.model)
 
     async def shutdown(self) -> None:
         """Aborts everything still running, then stops SGLang's processes (blocking work runs in a thread)."""
@@ -180,6 +195,9 @@ class SGLangEngine:
         engine = self._engine
         if engine is None or self._stopping:
             raise EngineNotReadyError("the SGLang engine is not serving")
+        images = tuple(getattr(request, "images", ()))
+        if images and not self.model_info.accepts_images:
+            raise SGLangRequestError(f"{self.model_info.model_id} does not accept images")
         rid = uuid.uuid4().hex  # fresh: SGLang aborts by rid *prefix*
         sampling_params = to_sglang_sampling_params(request.sampling)
         normalizer = StreamNormalizer(incremental=self._incremental,
@@ -189,7 +207,8 @@ class SGLangEngine:
             try:
                 stream = await engine.async_generate(input_ids=[int(t) for t in request.prompt_token_ids],
                                                      sampling_params=sampling_params, stream=True, rid=rid,
-                                                     **generate_kwargs(request.sampling))
+                                                     **generate_kwargs(request.sampling),
+                                                     **image_kwargs(images))
             except ValueError as exc:  # SGLang's request validation
                 raise SGLangRequestError(str(exc)) from exc
             async with contextlib.aclosing(stream) as items:

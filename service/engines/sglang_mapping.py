@@ -19,7 +19,8 @@ Everything here was written against SGLang 0.5.23's source:
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
+import os
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
@@ -219,6 +220,53 @@ def generate_kwargs(params: SamplingParams) -> dict[str, Any]:
     if k is None:
         return {}
     return {"return_logprob": True, "top_logprobs_num": int(k)}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Images (vision models)
+# --------------------------------------------------------------------------------------------------------------
+#
+# What SGLang 0.5.23 does with ``async_generate(input_ids=[...], image_data=[...])`` (python/sglang/srt/...):
+#
+# - managers/io_struct.py ``GenerateReqInput``: ``image_data`` is an image, a list of images (for a *single*
+#   request -- a flat ``input_ids`` list makes ``is_single`` -- a list is that request's images, left as is by
+#   ``_normalize_single_inputs``), or a list of lists for a batch. An image may be a URL, a data URI or base64
+#   (``ImageDataInputItem = Union[str, bytes, dict, ImageData, Image]``).
+# - managers/tokenizer_manager.py ``_tokenize_one_request``: with ``input_ids`` given and ``contains_mm_input()``,
+#   the model's ``mm_processor`` (None unless ``model_config.is_multimodal``, see ``init_tokenizer_and_processor``)
+#   gets ``input_text=input_ids`` (``prefer_tokenized_input`` processors and all others alike when no text is
+#   set) and its ``input_ids`` replace the request's.
+# - multimodal/processors/base_processor.py ``load_mm_data``: a ``list[int]`` prompt is decoded with the model's
+#   tokenizer (special tokens kept), its image placeholders (qwen_vl.py: ``<|vision_start|><|image_pad|>
+#   <|vision_end|>``, which is what the HF chat template renders for ``{"type": "image"}``) are counted against
+#   ``len(image_data)`` and matched in order; with ``SGLANG_MM_AVOID_RETOKENIZE`` (default True, environ.py)
+#   ``_expand_input_ids`` keeps the caller's exact ids and only expands each placeholder to the image's token
+#   count. So token ids with one placeholder per image work; no text prompt is needed. (SGLang's own OpenAI
+#   server, entrypoints/openai/serving_chat.py ``_engine_prompt``, sends the rendered *text* for media requests;
+#   the processor turns ids into that same text first, so both arrive at the same prompt.)
+# - utils/common.py ``load_image``: http(s) URLs are downloaded (``REQUEST_TIMEOUT``, default 3 s), ``data:``
+#   URIs decoded; it would also read ``file://`` URLs and local paths, which is why genrpc's validation only lets
+#   http(s) URLs and ``data:image/...;base64,`` URIs through.
+# - A bad or unreachable image surfaces as a ValueError / abort from SGLang (mapped like any request error).
+
+def image_kwargs(images: Sequence[str]) -> dict[str, Any]:
+    """Extra ``async_generate`` arguments for a request's images: ``image_data`` as the one request's list, in
+    the order of the placeholders in its ``input_ids``; nothing for a text-only request."""
+    if not images:
+        return {}
+    return {"image_data": [str(image) for image in images]}
+
+
+def config_has_vision(model_path: str) -> bool:
+    """Whether ``<model_path>/config.json`` describes a vision-language model (a ``vision_config`` section, as
+    Qwen2-VL/2.5-VL, LLaVA, Gemma 3 ... have). Read cheaply, without transformers; False when unreadable.
+    SGLang's own verdict (``tokenizer_manager.mm_processor``) takes precedence once the engine runs."""
+    try:
+        with open(os.path.join(model_path, "config.json"), encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and isinstance(config.get("vision_config"), dict)
 
 
 # --------------------------------------------------------------------------------------------------------------
