@@ -120,8 +120,8 @@ Press Ctrl-C to stop.""", flush=True)
 def envoy_yaml(settings: Settings, *, listen_host: str | None = None, grpc_host: str | None = None,
                bridge_host: str | None = None, descriptor: str | pathlib.Path | None = None, **options: Any) -> str:
     """Envoy's config for `settings`, the one path from settings to `genrpc.envoy_config.render` (used by
-    `genrpc up` and `genrpc envoy-config`). Hosts default to --host; `--api-keys-file` turns on Bearer-key auth.
-    `options`: render's optional limits (max_request_bytes, unary_timeout_s, stream_idle_timeout_s)."""
+    `genrpc up` and `genrpc envoy-config`). Hosts default to --host; `--api-keys-file` turns on Bearer-key auth,
+    `--cors-allowed-origins` CORS and `--rate-limit-rps` the rate limit. `options`: render's optional limits (max_request_bytes, unary_timeout_s, stream_idle_timeout_s)."""
     from genrpc import envoy_config
 
     api_keys = envoy_config.read_api_keys(settings.api_keys_file) if settings.api_keys_file else None
@@ -129,10 +129,12 @@ def envoy_yaml(settings: Settings, *, listen_host: str | None = None, grpc_host:
         listen_host=listen_host or settings.host, listen_port=settings.envoy_port,
         admin_port=settings.envoy_admin_port, grpc_host=grpc_host or settings.host, grpc_port=settings.grpc_port,
         bridge_host=bridge_host or settings.host, bridge_port=settings.bridge_port,
-        descriptor_path=str(descriptor or DESCRIPTOR_PATH), api_keys=api_keys, **options)
+        descriptor_path=str(descriptor or DESCRIPTOR_PATH), api_keys=api_keys,
+        cors_allowed_origins=settings.cors_origins(), rate_limit_rps=settings.rate_limit_rps, **options)
 
 
-ENVOY_SETTINGS = ["host", "grpc_port", "bridge_port", "envoy_port", "envoy_admin_port", "api_keys_file"]
+ENVOY_SETTINGS = ["host", "grpc_port", "bridge_port", "envoy_port", "envoy_admin_port", "api_keys_file",
+                  "cors_allowed_origins", "rate_limit_rps"]
 
 
 def _render_defaults() -> dict[str, Any]:

@@ -35,6 +35,11 @@ class Settings(BaseSettings):
     api_keys_file: str = Field("", description="API keys Envoy enforces (Bearer): a file of `KEY CLIENT_ID` lines, "
                                                "# comments; the client id is forwarded as x-client-id "
                                                "(empty = no authentication)")
+    cors_allowed_origins: str = Field("", description="browser origins allowed by Envoy's CORS policy, comma-separated "
+                                                      "exact origins such as https://app.example.com "
+                                                      "(empty = no CORS)")
+    rate_limit_rps: int = Field(0, description="Envoy rate limit: requests per second per Envoy process, burst the "
+                                               "same; beyond it REST gets 429, gRPC RESOURCE_EXHAUSTED (0 = off)")
 
     # --- model and engine ---
     engine: Literal["cpu", "sglang"] = Field("cpu", description="model runtime: cpu (torch) or sglang (GPUs)")
@@ -68,6 +73,9 @@ class Settings(BaseSettings):
 
     def grpc_address(self) -> str:
         return self.grpc_target or f"{self.host}:{self.grpc_port}"
+
+    def cors_origins(self) -> list[str]:
+        return [o.strip() for o in self.cors_allowed_origins.split(",") if o.strip()]
 
 
 def add_arguments(parser: argparse.ArgumentParser, names: list[str] | None = None) -> None:

@@ -631,3 +631,133 @@ async def test_api_keys_file_enforced_by_envoy(tmp_path, backend, bridge):
             assert backend[0].calls[-1][0] == "Chat" and backend[0].calls[-1][2]["x-client-id"] == "team-b"
     finally:
         proc.stop()
+
+
+# ---- CORS and rate limiting (both off by default) ---------------------------------------------------------
+
+APP_ORIGIN = "https://app.example.com"
+SDK_HEADERS = "authorization, content-type, openai-organization, openai-project, x-stainless-arch, x-stainless-lang, " \
+              "x-stainless-os, x-stainless-package-version, x-stainless-retry-count, x-stainless-runtime, " \
+              "x-stainless-runtime-version, x-stainless-timeout"
+
+
+def _hcm(text: str) -> dict[str, Any]:
+    return yaml.safe_load(text)["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+
+
+def test_cors_and_rate_limit_are_off_by_default_and_follow_the_settings(monkeypatch):
+    """`genrpc up`/`genrpc envoy-config` render through cli.envoy_yaml: neither filter by default; both from the
+    settings (flags or GENRPC_* env vars); a malformed origin is refused."""
+    from genrpc import cli
+
+    def filters(hcm: dict[str, Any]) -> list[str]:
+        return [f["name"] for f in hcm["http_filters"]]
+
+    hcm = _hcm(cli.envoy_yaml(Settings()))
+    assert "envoy.filters.http.cors" not in filters(hcm) and "envoy.filters.http.local_ratelimit" not in filters(hcm)
+    assert "typed_per_filter_config" not in hcm["route_config"]["virtual_hosts"][0]
+    assert "local_rate_limited" not in str(hcm) and "Rate limit reached" not in str(hcm)
+
+    monkeypatch.setenv("GENRPC_CORS_ALLOWED_ORIGINS", f"{APP_ORIGIN}, http://localhost:3000")
+    monkeypatch.setenv("GENRPC_RATE_LIMIT_RPS", "7")
+    hcm = _hcm(cli.envoy_yaml(Settings()))
+    assert filters(hcm)[0] == "envoy.filters.http.cors"  # before auth and rate limit: preflights carry no key
+    policy = hcm["route_config"]["virtual_hosts"][0]["typed_per_filter_config"]["envoy.filters.http.cors"]
+    assert policy["allow_origin_string_match"] == [{"exact": APP_ORIGIN}, {"exact": "http://localhost:3000"}]
+    [rl] = [f["typed_config"] for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.local_ratelimit"]
+    assert rl["token_bucket"] == {"max_tokens": 7, "tokens_per_fill": 7, "fill_interval": "1s"}
+    with pytest.raises(ValueError, match="CORS origin"):
+        cli.envoy_yaml(Settings(cors_allowed_origins="https://app.example.com/path"))
+    with pytest.raises(ValueError, match="rate_limit_rps"):
+        cli.envoy_yaml(Settings(rate_limit_rps=-1))
+
+
+async def test_cors_preflight_answered_by_envoy(tmp_path, backend, bridge):
+    """With API keys on: a preflight (no Authorization, as browsers send it) from an allowed origin is answered
+    by Envoy with the allow headers; a disallowed origin gets none; actual responses carry allow-origin + expose."""
+    with run_envoy(tmp_path, grpc_port=backend[1], bridge_port=bridge.bridge_port, name="envoy-cors",
+                   api_keys={"sk-cors": "web"}, cors_allowed_origins=[APP_ORIGIN]) as handle:
+        calls_before = len(backend[0].calls)
+        async with httpx.AsyncClient(base_url=handle.base_url, timeout=30) as http:
+            preflight = {"access-control-request-method": "POST", "access-control-request-headers": SDK_HEADERS}
+            for path in ("/v1/chat/completions", "/v1/models"):
+                resp = await http.options(path, headers={"origin": APP_ORIGIN, **preflight})
+                assert resp.status_code == 200, resp.text
+                assert resp.headers["access-control-allow-origin"] == APP_ORIGIN
+                assert {"GET", "POST", "OPTIONS"} <= {m.strip() for m in
+                                                      resp.headers["access-control-allow-methods"].split(",")}
+                allowed = {h.strip() for h in resp.headers["access-control-allow-headers"].split(",")}
+                assert {h.strip() for h in SDK_HEADERS.split(",")} <= allowed
+                assert resp.headers["access-control-max-age"] == "600"
+
+                # answered by Envoy too (forward_not_matching_preflights: false), but without allow-origin, which
+                # is what a browser checks: the page's request is blocked (Envoy still lists methods/headers)
+                resp = await http.options(path, headers={"origin": "https://evil.example.com", **preflight})
+                assert resp.status_code == 200 and "access-control-allow-origin" not in resp.headers, resp.headers
+                assert "access-control-allow-credentials" not in resp.headers
+            assert len(backend[0].calls) == calls_before  # preflights never reach the service
+
+            auth = {"authorization": "Bearer sk-cors"}
+            resp = await http.post("/v1/chat/completions", json=chat_body(), headers={"origin": APP_ORIGIN, **auth})
+            assert resp.status_code == 200 and resp.headers["access-control-allow-origin"] == APP_ORIGIN
+            assert "x-request-id" in resp.headers["access-control-expose-headers"]
+            resp = await http.post("/v1/chat/completions", json=chat_body(), headers={"origin": APP_ORIGIN})
+            assert_openai_error(resp, 401)  # errors are readable by the page too
+            assert resp.headers["access-control-allow-origin"] == APP_ORIGIN
+            resp = await http.post("/v1/chat/completions", json=chat_body(),
+                                   headers={"origin": "https://evil.example.com", **auth})
+            assert resp.status_code == 200 and "access-control-allow-origin" not in resp.headers
+
+
+async def test_rate_limit(tmp_path, backend, bridge):
+    """rate_limit_rps=2 (bucket of 2, refilled with 2 every second): a burst of 8 gets at most 4 through (one
+    refill can fall inside the burst), the rest are 429 in OpenAI's error shape (the SDK raises RateLimitError),
+    DashScope's shape on its route, and RESOURCE_EXHAUSTED for native gRPC."""
+    with run_envoy(tmp_path, grpc_port=backend[1], bridge_port=bridge.bridge_port, name="envoy-rl",
+                   rate_limit_rps=2, cors_allowed_origins=[APP_ORIGIN]) as handle:
+        async with httpx.AsyncClient(base_url=handle.base_url, timeout=30) as http:
+            resps = await asyncio.gather(*[http.post("/v1/chat/completions", json=chat_body(),
+                                                     headers={"origin": APP_ORIGIN}) for _ in range(8)])
+            codes = sorted(r.status_code for r in resps)
+            assert codes.count(429) >= 4 and set(codes) <= {200, 429}, codes
+            for resp in resps:
+                if resp.status_code == 429:
+                    error = assert_openai_error(resp, 429, type_="rate_limit_error")
+                    assert error["code"] == "rate_limit_exceeded" and error["param"] is None
+                    assert "2 requests per second" in error["message"]
+                    assert resp.headers["retry-after"] == "1"
+                    assert resp.headers["access-control-allow-origin"] == APP_ORIGIN
+                    assert not any(h.startswith("grpc-") for h in resp.headers)
+
+            resps = await asyncio.gather(*[
+                http.post("/api/v1/services/aigc/text-generation/generation",
+                          json={"model": MODEL, "input": {"prompt": "hi"}}) for _ in range(8)])
+            limited = [r for r in resps if r.status_code == 429]
+            assert len(limited) >= 4, [r.status_code for r in resps]
+            assert limited[0].json()["code"] == "Throttling"
+
+        async with openai.AsyncOpenAI(base_url=f"{handle.base_url}/v1", api_key="x", max_retries=0, timeout=30,
+                                      _strict_response_validation=True) as client:
+            results = await asyncio.gather(*[client.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": "hi"}], stream=stream)
+                for stream in (False, True) * 4], return_exceptions=True)
+            errors = [r for r in results if isinstance(r, BaseException)]
+            assert len(errors) >= 4 and all(isinstance(e, openai.RateLimitError) for e in errors), results
+            assert errors[0].status_code == 429 and errors[0].body["type"] == "rate_limit_error"
+            assert errors[0].body["code"] == "rate_limit_exceeded"
+
+        async with grpc.aio.insecure_channel(f"{HOST}:{handle.port}") as ch:
+            stub = generation_service_pb2_grpc.GenerationServiceStub(ch)
+            results = await asyncio.gather(*[stub.ListModels(model_pb2.ListModelsRequest()) for _ in range(8)],
+                                           return_exceptions=True)
+            errors = [r for r in results if isinstance(r, BaseException)]
+            assert len(errors) >= 4, results
+            assert all(isinstance(e, grpc.aio.AioRpcError) and e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                       for e in errors), errors
+
+        # the bucket refills (2 tokens per second): poll with a deadline rather than sleep
+        async with httpx.AsyncClient(base_url=handle.base_url, timeout=30) as http:
+            deadline = asyncio.get_running_loop().time() + 3
+            while (await http.get("/v1/models")).status_code == 429:
+                assert asyncio.get_running_loop().time() < deadline, "bucket never refilled"
+                await asyncio.sleep(0.1)
