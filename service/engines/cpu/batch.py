@@ -11,6 +11,7 @@ became padding for every remaining row are trimmed.
 from __future__ import annotations
 
 import asyncio
+import types
 from dataclasses import dataclass
 from typing import Any
 
@@ -115,6 +116,10 @@ class SharedBatch:
         positions = torch.tensor([[job.length] for job in self.rows], dtype=torch.long)
         pads = (self._mask == 0).sum(dim=1).tolist()
         self._mask = F.pad(self._mask, (0, 1), value=1)
+        assert self._cache is not None
+        for layer in self._cache.layers:
+            if layer.update.__func__ is not _append_in_place:
+                layer.update = types.MethodType(_append_in_place, layer)
         # No attention_mask: `rowwise_attention` slices each row's padding off itself (see invariance.py).
         out = self._model(input_ids=ids, position_ids=positions, past_key_values=self._cache, use_cache=True,
                           row_offsets=pads)
@@ -145,3 +150,31 @@ def _check_layer(layer: Any) -> None:
     # Sliding-window or quantized layers keep extra state that a plain concatenation would corrupt.
     if type(layer) is not DynamicLayer:
         raise NotImplementedError(f"the CPU engine cannot batch cache layers of type {type(layer).__name__}")
+
+
+KV_HEADROOM = 64  # spare cache columns allocated at a time
+
+
+def _append_in_place(self: DynamicLayer, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
+                     **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """`DynamicLayer.update` without its per-step `torch.cat`, which copied (and freshly allocated) the whole
+    cache of every layer on every decode step. `keys`/`values` stay views of buffers with spare columns; whenever
+    something replaced them (a merge, `batch_select_indices`, a trim) the buffers are rebuilt from them first.
+    Only the storage changes: each row's keys and values are the same numbers at the same columns."""
+    keys, values = self.keys, self.values
+    length, new = keys.shape[-2], key_states.shape[-2]
+    kbuf, vbuf = getattr(self, "_kbuf", None), getattr(self, "_vbuf", None)
+    if (kbuf is None or vbuf is None or length + new > kbuf.shape[-2] or kbuf.shape[:2] != keys.shape[:2]
+            or keys.data_ptr() != kbuf.data_ptr() or values.data_ptr() != vbuf.data_ptr()
+            or keys.stride() != kbuf.stride() or values.stride() != vbuf.stride()):
+        batch, heads, _, dim = keys.shape
+        capacity = length + new + KV_HEADROOM
+        kbuf = keys.new_empty(batch, heads, capacity, dim)
+        vbuf = values.new_empty(batch, heads, capacity, values.shape[-1])
+        kbuf[:, :, :length] = keys
+        vbuf[:, :, :length] = values
+        self._kbuf, self._vbuf = kbuf, vbuf
+    kbuf[:, :, length:length + new] = key_states
+    vbuf[:, :, length:length + new] = value_states
+    self.keys, self.values = kbuf[:, :, :length + new], vbuf[:, :, :length + new]
+    return self.keys, self.values
