@@ -15,22 +15,8 @@ from google.rpc import error_details_pb2, status_pb2
 from bridge import errors
 from bridge.app import chunk_to_json
 from genrpc.v1 import chat_pb2, common_pb2
-from test_envoy_config import MODEL, SPECIAL_MSG, start_bridge, start_scripted_grpc
-
-
-@pytest.fixture(scope="module")
-async def backend():
-    servicer, server, port = await start_scripted_grpc()
-    yield servicer, port
-    await server.stop(0)
-
-
-@pytest.fixture(scope="module")
-async def bridge(backend):
-    settings, server, task = await start_bridge(backend[1])
-    yield settings
-    server.should_exit = True
-    await task
+# The scripted gRPC backend and the real bridge in front of it: the same module-scoped fixtures as there.
+from test_envoy_config import MODEL, SPECIAL_MSG, backend, bridge  # noqa: F401 - pytest fixtures
 
 
 @pytest.fixture
