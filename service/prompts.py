@@ -81,17 +81,11 @@ def render_chat(tokenizer: Tokenizer, messages: list[dict[str, Any]], tools: lis
     return tokenizer.apply_chat_template(messages, tools=tools or None)
 
 
-def fit_to_budget(tokenizer: Tokenizer, messages: list[dict[str, Any]], tools: list[dict[str, Any]],
-                  budget_tokens: int) -> tuple[list[int], int]:
-    """Drops the oldest non-system messages until the prompt fits `budget_tokens` (the last message always
-    stays). Returns the prompt ids and how many messages were dropped; the prompt may still be too long."""
-    ids, _, dropped = fit_messages_to_budget(tokenizer, messages, tools, budget_tokens)
-    return ids, dropped
-
-
 def fit_messages_to_budget(tokenizer: Tokenizer, messages: list[dict[str, Any]], tools: list[dict[str, Any]],
                            budget_tokens: int) -> tuple[list[int], list[dict[str, Any]], int]:
-    """`fit_to_budget` that also returns the messages kept (their images are the request's images).
+    """Drops the oldest non-system messages until the prompt fits `budget_tokens` (the last message always
+    stays). Returns the prompt ids, the messages kept (their images are the request's images) and how many
+    messages were dropped; the prompt may still be too long.
 
     Image tokens are counted as the template's placeholders only: the engine expands each image later, so with
     images the budget is approximate (the engine refuses a prompt that ends up over its context)."""

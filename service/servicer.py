@@ -55,7 +55,6 @@ class _Prepared:
     decoding: validation.Decoding
     echo_texts: dict[int, str] = field(default_factory=dict)  # choice index -> prompt text (completions echo)
     dropped_messages: int = 0
-    images: tuple[str, ...] = ()  # chat on a vision model: the prompt's images, in order
 
 
 class GenerationServicer(generation_service_pb2_grpc.GenerationServiceServicer):
@@ -143,7 +142,7 @@ class GenerationServicer(generation_service_pb2_grpc.GenerationServiceServicer):
         parse_tools = bool(job.tools) and job.tool_choice != "none"
         specs = [ChoiceSpec(i, ids, self._sampling(job.decoding, max_tokens, i, constraint), job.decoding.stop,
                             parse_tools, images) for i in range(job.decoding.n)]
-        return _Prepared(job.model, specs, len(ids), job.decoding, dropped_messages=dropped, images=images)
+        return _Prepared(job.model, specs, len(ids), job.decoding, dropped_messages=dropped)
 
     async def _prepare_completion(self, request: completion_pb2.CompletionRequest) -> _Prepared:
         job = validation.completion_job(request, vocab_size=self._engine.tokenizer.vocab_size)
@@ -195,6 +194,7 @@ class GenerationServicer(generation_service_pb2_grpc.GenerationServiceServicer):
         unfinished = len(prepared.specs)
         first = True
         completion_tokens = 0
+        has_images = any(spec.images for spec in prepared.specs)
         async with contextlib.aclosing(run_choices(self._engine, prepared.specs)) as events:
             async for event in events:
                 if first and (event.text or event.tool_calls):
@@ -203,7 +203,7 @@ class GenerationServicer(generation_service_pb2_grpc.GenerationServiceServicer):
                 if event.finish_reason:
                     unfinished -= 1
                     completion_tokens += event.completion_tokens
-                    if prepared.images:  # the engine counted the expanded images; the service only placeholders
+                    if has_images:  # the engine counted the expanded images; the service only placeholders
                         prepared.prompt_tokens = max(prepared.prompt_tokens, event.prompt_tokens)
                 yield event, unfinished == 0
         self._metrics.prompt_tokens.inc(prepared.prompt_tokens)

@@ -195,7 +195,7 @@ class SGLangEngine:
         engine = self._engine
         if engine is None or self._stopping:
             raise EngineNotReadyError("the SGLang engine is not serving")
-        images = tuple(getattr(request, "images", ()))
+        images = request.images
         if images and not self.model_info.accepts_images:
             raise SGLangRequestError(f"{self.model_info.model_id} does not accept images")
         rid = uuid.uuid4().hex  # fresh: SGLang aborts by rid *prefix*

@@ -79,6 +79,9 @@ class SharedBatch:
         new_len = cache.get_seq_length()
         new_mask = torch.ones(1, new_len, dtype=torch.long)
         if self._cache is None:
+            # The batch's cache from now on: merges, row drops and trims change its layers in place.
+            for layer in cache.layers:
+                layer.update = types.MethodType(_append_in_place, layer)
             self._cache, self._mask, self.rows = cache, new_mask, [job]
             return
         old_len = self._mask.shape[1]
@@ -117,9 +120,6 @@ class SharedBatch:
         pads = (self._mask == 0).sum(dim=1).tolist()
         self._mask = F.pad(self._mask, (0, 1), value=1)
         assert self._cache is not None
-        for layer in self._cache.layers:
-            if layer.update.__func__ is not _append_in_place:
-                layer.update = types.MethodType(_append_in_place, layer)
         # No attention_mask: `rowwise_attention` slices each row's padding off itself (see invariance.py).
         out = self._model(input_ids=ids, position_ids=positions, past_key_values=self._cache, use_cache=True,
                           row_offsets=pads)

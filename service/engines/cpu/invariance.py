@@ -67,9 +67,8 @@ def block_linear_rows(model: torch.nn.Module) -> None:
     """Routes every nn.Linear of `model` through `_row_blocked_linear` (wide ones in column chunks)."""
     for module in model.modules():
         if type(module) is torch.nn.Linear:
-            module.forward = types.MethodType(_row_blocked_linear, module)
-            if module.out_features >= WIDE_OUT_FEATURES:
-                module.forward = types.MethodType(_row_blocked_wide_linear, module)
+            wide = module.out_features >= WIDE_OUT_FEATURES
+            module.forward = types.MethodType(_row_blocked_wide_linear if wide else _row_blocked_linear, module)
 
 
 def _row_blocked_linear(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
