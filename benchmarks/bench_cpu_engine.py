@@ -15,8 +15,8 @@ import tempfile
 import time
 
 from genrpc.settings import Settings
-from service.engines.base import GenerationRequest, SamplingParams
-from service.engines.cpu import CpuEngine, resolve_model_dir
+from genrpc.service.engines.base import GenerationRequest, SamplingParams
+from genrpc.service.engines.reference import ReferenceEngine, resolve_model_dir
 
 USER_PROMPTS = [
     "What is the capital of France?", "Name three primary colors.", "Why is the sky blue?",
@@ -35,7 +35,7 @@ def first_run_conversion() -> float:
         return time.perf_counter() - t0
 
 
-async def stream(engine: CpuEngine, prompt: list[int], tokens: int) -> tuple[float, float, int]:
+async def stream(engine: ReferenceEngine, prompt: list[int], tokens: int) -> tuple[float, float, int]:
     """Returns (time to first token, time of last token, tokens) measured from the call."""
     sampling = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
     t0 = time.perf_counter()
@@ -51,7 +51,7 @@ async def stream(engine: CpuEngine, prompt: list[int], tokens: int) -> tuple[flo
 async def main(args: argparse.Namespace) -> None:
     if not args.skip_convert:
         print(f"first run (GGUF -> safetensors conversion): {first_run_conversion():.1f} s")
-    engine = CpuEngine(Settings(max_batch_size=max(args.concurrency), cpu_batch_invariant=not args.fast_single))
+    engine = ReferenceEngine(Settings(max_batch_size=max(args.concurrency), reference_batch_invariant=not args.fast_single))
     t0 = time.perf_counter()
     await engine.start()
     print(f"cached start (load + warm-up): {time.perf_counter() - t0:.1f} s")
@@ -77,5 +77,5 @@ if __name__ == "__main__":
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4, 8, 16])
     parser.add_argument("--skip-convert", action="store_true")
-    parser.add_argument("--fast-single", action="store_true", help="cpu_batch_invariant=False (faster lone streams)")
+    parser.add_argument("--fast-single", action="store_true", help="reference_batch_invariant=False (faster lone streams)")
     asyncio.run(main(parser.parse_args()))

@@ -38,7 +38,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from bridge.errors import OpenAIError, from_grpc_status, from_rpc_error, http_error
+from genrpc.bridge.errors import OpenAIError, from_grpc_status, from_rpc_error, http_error
 from genrpc.v1 import chat_pb2, completion_pb2, generation_service_pb2_grpc
 
 log = logging.getLogger("genrpc.bridge")
@@ -286,7 +286,7 @@ def create_app(settings: Any) -> Starlette:
             if channel is not None:
                 await channel.close()
 
-    from bridge import dashscope  # imports helpers from this module
+    from genrpc.bridge import dashscope  # imports helpers from this module
 
     routes = [Route("/health", health, methods=["GET"])]
     routes += [Route(path, endpoint_handler(ep), methods=["POST"]) for path, ep in ENDPOINTS.items()]

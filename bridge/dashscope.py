@@ -49,7 +49,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from bridge.errors import DashScopeError, dashscope_error, from_rpc_error, to_dashscope
+from genrpc.bridge.errors import DashScopeError, dashscope_error, from_rpc_error, to_dashscope
 from genrpc.v1 import chat_pb2, completion_pb2
 
 log = logging.getLogger("genrpc.bridge.dashscope")
@@ -482,7 +482,7 @@ def _wants_sse(request: Request) -> bool:
 
 def routes(stub: Callable[[], Any]) -> list[Route]:
     """The DashScope routes, calling the service through `stub()` (the bridge's shared GenerationServiceStub)."""
-    from bridge.app import DISCONNECTED, _metadata_and_timeout, await_first_message  # bridge.app imports this module
+    from genrpc.bridge.app import DISCONNECTED, _metadata_and_timeout, await_first_message  # bridge.app imports this module
 
     async def text_generation(request: Request) -> Response | _DashScopeSSE:
         request_id = request.headers.get("x-request-id") or str(uuid.uuid4())

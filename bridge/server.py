@@ -1,5 +1,5 @@
 """Runs the bridge with uvicorn: `await serve(settings)` (returns when the server stops), or
-`python -m bridge.server` (settings from GENRPC_* env vars)."""
+`python -m genrpc.bridge.server` (settings from GENRPC_* env vars)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 
 import uvicorn
 
-from bridge.app import create_app
+from genrpc.bridge.app import create_app
 
 
 def make_server(settings: Any) -> uvicorn.Server:

@@ -27,7 +27,7 @@ def _logging(settings: Settings) -> None:
 
 
 def cmd_serve(settings: Settings, _: argparse.Namespace) -> int:
-    from service.server import serve
+    from genrpc.service.server import serve
 
     _logging(settings)
     asyncio.run(serve(settings))
@@ -35,7 +35,7 @@ def cmd_serve(settings: Settings, _: argparse.Namespace) -> int:
 
 
 def cmd_bridge(settings: Settings, _: argparse.Namespace) -> int:
-    from bridge.server import serve
+    from genrpc.bridge.server import serve
 
     _logging(settings)
     asyncio.run(serve(settings))

@@ -37,8 +37,8 @@ from typing import Any
 
 import yaml
 
-from bridge.dashscope import PREFIX as DASHSCOPE_PREFIX
-from bridge.errors import DASHSCOPE_HTTP_CODES, GRPC_ERROR_MAP, HTTP_ERROR_TYPES, dashscope_code_for_status
+from genrpc.bridge.dashscope import PREFIX as DASHSCOPE_PREFIX
+from genrpc.error_table import DASHSCOPE_HTTP_CODES, GRPC_ERROR_MAP, HTTP_ERROR_TYPES, dashscope_code_for_status
 
 SERVICE_NAME = "genrpc.v1.GenerationService"
 ADMIN_HOST = "127.0.0.1"

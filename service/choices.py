@@ -13,10 +13,10 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from service.engines.base import Engine, GenerationRequest, SamplingParams, TokenLogprob
-from service.errors import ServiceError
-from service.stop_strings import StopStringMatcher
-from service.tool_calls import ParsedToolCall, ToolCallParser
+from genrpc.service.engines.base import Engine, GenerationRequest, SamplingParams, TokenLogprob
+from genrpc.service.errors import ServiceError
+from genrpc.service.stop_strings import StopStringMatcher
+from genrpc.service.tool_calls import ParsedToolCall, ToolCallParser
 
 
 @dataclass(frozen=True)

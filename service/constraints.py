@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from service.tool_calls import CLOSE_TAG, OPEN_TAG
+from genrpc.service.tool_calls import CLOSE_TAG, OPEN_TAG
 
 # `json_object` means "any JSON object".
 ANY_OBJECT_SCHEMA = {"type": "object"}

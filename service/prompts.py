@@ -16,8 +16,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from service.engines.base import Tokenizer
-from service.tool_calls import CLOSE_TAG, OPEN_TAG
+from genrpc.service.engines.base import Tokenizer
+from genrpc.service.tool_calls import CLOSE_TAG, OPEN_TAG
 
 _TOOLS_SECTION = """# Tools
 

@@ -8,8 +8,8 @@ from typing import Any
 from google.protobuf import json_format, struct_pb2
 
 from genrpc.v1 import chat_pb2, common_pb2
-from service.engines.base import TokenLogprob, Tokenizer
-from service.tool_calls import ParsedToolCall
+from genrpc.service.engines.base import TokenLogprob, Tokenizer
+from genrpc.service.tool_calls import ParsedToolCall
 
 NULL = struct_pb2.Value(null_value=struct_pb2.NULL_VALUE)
 

@@ -13,9 +13,9 @@ from prometheus_client import start_http_server
 
 from genrpc.settings import Settings
 from genrpc.v1 import generation_service_pb2, generation_service_pb2_grpc
-from service.engines.base import Engine
-from service.metrics import ServiceMetrics
-from service.servicer import GenerationServicer
+from genrpc.service.engines.base import Engine
+from genrpc.service.metrics import ServiceMetrics
+from genrpc.service.servicer import GenerationServicer
 
 log = logging.getLogger("genrpc.service")
 SERVICE_NAME = generation_service_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name
@@ -25,12 +25,12 @@ _MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # long prompts
 def build_engine(settings: Settings) -> Engine:
     """The engine named by settings.engine; heavy imports happen only for the chosen one."""
     if settings.engine == "sglang":
-        from service.engines.sglang_engine import SGLangEngine
+        from genrpc.service.engines.sglang_engine import SGLangEngine
 
         return SGLangEngine(settings)
-    from service.engines.cpu.engine import CpuEngine
+    from genrpc.service.engines.reference.engine import ReferenceEngine
 
-    return CpuEngine(settings)
+    return ReferenceEngine(settings)
 
 
 class GenrpcServer:
@@ -41,7 +41,7 @@ class GenrpcServer:
         self.engine = engine
         self.metrics = ServiceMetrics(engine)
         if settings.engine == "sglang" and settings.metrics_port >= 0:
-            from service.engines.sglang_engine import register_sglang_metrics
+            from genrpc.service.engines.sglang_engine import register_sglang_metrics
 
             register_sglang_metrics(self.metrics.registry)  # SGLang's scheduler metrics beside genrpc's own
         self.servicer = GenerationServicer(engine, self.metrics, default_max_tokens=settings.default_max_tokens)

@@ -17,15 +17,15 @@ from dataclasses import dataclass, field
 import grpc
 
 from genrpc.v1 import chat_pb2, completion_pb2, generation_service_pb2_grpc, model_pb2
-from service import responses, validation
-from service.choices import ChoiceEvent, ChoiceSpec, run_choices
-from service.constraints import Constraint, forced_tool_call_grammar, response_format_constraint
-from service.engines.base import Engine, SamplingParams, TokenLogprob
-from service.errors import ContextLengthExceeded, InvalidArgument, ModelNotFound, NotReady, ServiceError, abort, \
+from genrpc.service import responses, validation
+from genrpc.service.choices import ChoiceEvent, ChoiceSpec, run_choices
+from genrpc.service.constraints import Constraint, forced_tool_call_grammar, response_format_constraint
+from genrpc.service.engines.base import Engine, SamplingParams, TokenLogprob
+from genrpc.service.errors import ContextLengthExceeded, InvalidArgument, ModelNotFound, NotReady, ServiceError, abort, \
     from_engine_error
-from service.metrics import ServiceMetrics
-from service.prompts import fit_messages_to_budget, message_images, render_chat
-from service.responses import NULL, string_value
+from genrpc.service.metrics import ServiceMetrics
+from genrpc.service.prompts import fit_messages_to_budget, message_images, render_chat
+from genrpc.service.responses import NULL, string_value
 
 log = logging.getLogger("genrpc.service")
 # With `truncation: auto` and no max_tokens, keep at least this much room for the answer.

@@ -19,7 +19,7 @@ from typing import Any
 from google.protobuf import json_format, struct_pb2
 
 from genrpc.v1 import chat_pb2, completion_pb2
-from service.errors import InvalidArgument, UnsupportedParameter
+from genrpc.service.errors import InvalidArgument, UnsupportedParameter
 
 MAX_STOP_STRINGS = 4
 MAX_CHOICES = 16  # n x prompts; each choice takes a batch slot

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
-from service.engines.base import FinishReason, GenerationDelta, GenerationRequest, ModelInfo
+from genrpc.service.engines.base import FinishReason, GenerationDelta, GenerationRequest, ModelInfo
 
 
 class CharTokenizer:

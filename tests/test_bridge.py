@@ -12,8 +12,8 @@ import pytest
 from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 
-from bridge import errors
-from bridge.app import chunk_to_json
+from genrpc.bridge import errors
+from genrpc.bridge.app import chunk_to_json
 from genrpc.v1 import chat_pb2, common_pb2
 # The scripted gRPC backend and the real bridge in front of it: the same module-scoped fixtures as there.
 from test_envoy_config import MODEL, SPECIAL_MSG, backend, bridge  # noqa: F401 - pytest fixtures

@@ -11,7 +11,8 @@ import httpx
 import pytest
 
 from _procs import HOST, free_port, run_envoy
-from bridge.dashscope import BadRequest, TEXT_GENERATION_PATH, plan_request
+from genrpc.bridge.dashscope import BadRequest, TEXT_GENERATION_PATH, plan_request
+from genrpc import error_table
 from genrpc.settings import Settings
 from test_envoy_config import start_bridge
 
@@ -75,7 +76,7 @@ def test_chat_only_parameters_are_refused_with_a_prompt():
 async def stack(tmp_path_factory):
     try:
         from scripted_engine import ScriptedEngine
-        from service.server import create_server
+        from genrpc.service.server import create_server
     except ImportError as e:  # the service is written concurrently
         pytest.skip(f"service not available yet: {e}")
     engine = ScriptedEngine(reply=REPLY)
@@ -285,7 +286,7 @@ def test_error_rendering_uses_the_shared_table():
     from google.protobuf import any_pb2
     from google.rpc import error_details_pb2, status_pb2
 
-    from bridge import errors
+    from genrpc.bridge import errors
 
     info = any_pb2.Any()
     info.Pack(error_details_pb2.ErrorInfo(reason="MODEL_NOT_FOUND"))
@@ -293,7 +294,7 @@ def test_error_rendering_uses_the_shared_table():
                                                                                        details=[info]))
     de = errors.to_dashscope(oe, "r1")
     assert (de.status, de.body) == (oe.status, {"code": "ModelNotFound", "message": "gone", "request_id": "r1"})
-    for code, (status, _, _) in errors.GRPC_ERROR_MAP.items():
+    for code, (status, _, _) in error_table.GRPC_ERROR_MAP.items():
         de = errors.to_dashscope(errors.from_grpc_status(code, "m"), "r")
         assert de.status == status and de.body["code"] == errors.DASHSCOPE_GRPC_CODES[code]
     assert errors.to_dashscope(errors.http_error(413, "big"), "r").body["code"] == "BadRequest.TooLarge"
@@ -305,7 +306,7 @@ def test_error_rendering_uses_the_shared_table():
 def test_stream_renderer_merges_tool_calls_cumulatively():
     from google.protobuf import struct_pb2
 
-    from bridge.dashscope import StreamRenderer
+    from genrpc.bridge.dashscope import StreamRenderer
     from genrpc.v1 import chat_pb2, common_pb2
 
     plan = plan_request({"model": "m", "input": {"messages": [{"role": "user", "content": "hi"}]},

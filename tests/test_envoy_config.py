@@ -17,7 +17,7 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from _procs import HOST, free_port, listening_addresses, run_envoy, start_envoy
-from bridge.server import make_server
+from genrpc.bridge.server import make_server
 from genrpc import envoy_config
 from genrpc.settings import Settings
 from genrpc.v1 import chat_pb2, common_pb2, completion_pb2, generation_service_pb2_grpc, model_pb2
@@ -473,7 +473,7 @@ async def real_stack(tmp_path_factory):
     bridge and Envoy: checks that the service's real errors come out OpenAI-shaped."""
     try:
         from scripted_engine import ScriptedEngine
-        from service.server import create_server
+        from genrpc.service.server import create_server
     except ImportError as e:  # the service is written concurrently; skip until it lands
         pytest.skip(f"service not available yet: {e}")
     settings = Settings(host=HOST, grpc_port=0, metrics_port=-1, shutdown_grace_s=1, log_level="warning")

@@ -38,7 +38,7 @@ def client(stack):
 
 @pytest.fixture(scope="module")
 def tokenizer(stack):
-    from service.engines.cpu.model_store import resolve_model_dir
+    from genrpc.service.engines.reference.model_store import resolve_model_dir
 
     return Tokenizer.from_file(str(resolve_model_dir(Settings()) / "tokenizer.json"))
 

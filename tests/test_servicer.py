@@ -17,7 +17,7 @@ from grpc_status import rpc_status
 
 from genrpc.settings import Settings
 from genrpc.v1 import chat_pb2, completion_pb2, generation_service_pb2_grpc, model_pb2
-from service.server import create_server
+from genrpc.service.server import create_server
 from tests.scripted_engine import ScriptedEngine
 
 

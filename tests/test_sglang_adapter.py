@@ -29,9 +29,9 @@ import grpc
 import pytest
 
 from genrpc.settings import Settings
-from service.engines.base import Engine, FinishReason, GenerationRequest, SamplingParams
-from service.engines.sglang_engine import SGLangEngine, register_sglang_metrics
-from service.engines.sglang_mapping import (
+from genrpc.service.engines.base import Engine, FinishReason, GenerationRequest, SamplingParams
+from genrpc.service.engines.sglang_engine import SGLangEngine, register_sglang_metrics
+from genrpc.service.engines.sglang_mapping import (
     EngineNotReadyError,
     QueueFullError,
     SGLangAbortError,
@@ -301,7 +301,7 @@ def test_abort_status_codes(finish, exc_type, code):
 
 
 def test_abort_errors_map_through_the_services_table():
-    from service import errors
+    from genrpc.service import errors
 
     assert errors.from_engine_error(abort_error(
         {"type": "abort", "status_code": 503, "message": "The request queue is full."})).code == \
@@ -573,7 +573,7 @@ async def test_generate_before_start_is_not_ready():
 
 def test_module_imports_without_sglang():
     code = ("import sys; sys.modules['sglang'] = None\n"
-            "import service.engines.sglang_engine as m\n"
+            "import genrpc.service.engines.sglang_engine as m\n"
             "assert 'sglang' not in [k for k, v in sys.modules.items() if v is not None]\n"
             "print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,

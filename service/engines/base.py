@@ -14,6 +14,43 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 
+# ---- errors ---------------------------------------------------------------------------------------------
+# Every engine raises these (never gRPC codes, HTTP statuses or its runtime's own exceptions);
+# genrpc.service.errors maps them to gRPC statuses with isinstance, in one table.
+
+
+class EngineError(Exception):
+    """Base of every error an engine raises. `message` is safe to show to clients."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class EngineOverloaded(EngineError):
+    """No capacity now (the engine's queue is full); the client should retry later."""
+
+
+class EngineUnavailable(EngineError):
+    """The engine is not started, is shutting down, or its runtime went away; retrying elsewhere may work."""
+
+
+class EngineBadRequest(EngineError):
+    """The request cannot be served as asked; `field` names the OpenAI field to blame."""
+
+    def __init__(self, message: str, field: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class EngineUnsupported(EngineBadRequest):
+    """The engine has no equivalent for a field the service accepts (the client gets a 400 naming it)."""
+
+
+class EngineInternalError(EngineError):
+    """The runtime failed in a way that is not the client's fault."""
+
+
 class FinishReason(str, enum.Enum):
     """Why an engine stopped generating for a request (the service adds its own, e.g. stop strings)."""
 

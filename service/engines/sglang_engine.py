@@ -39,8 +39,8 @@ import uuid
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
-from service.engines.base import GenerationDelta, GenerationRequest, ModelInfo, SamplingParams, Tokenizer
-from service.engines.sglang_mapping import (
+from genrpc.service.engines.base import GenerationDelta, GenerationRequest, ModelInfo, SamplingParams, Tokenizer
+from genrpc.service.engines.sglang_mapping import (
     EngineNotReadyError,
     QueueFullError,
     SGLangAbortError,
@@ -241,7 +241,7 @@ class SGLangEngine:
 
 
 def _load_tokenizer(model: str) -> Tokenizer:
-    from service.engines.hf_tokenizer import HFTokenizer
+    from genrpc.service.engines.hf_tokenizer import HFTokenizer
 
     return HFTokenizer.from_pretrained(model)
 

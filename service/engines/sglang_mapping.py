@@ -27,7 +27,7 @@ from typing import Any
 
 import grpc
 
-from service.engines.base import FinishReason, GenerationDelta, SamplingParams, TokenLogprob
+from genrpc.service.engines.base import FinishReason, GenerationDelta, SamplingParams, TokenLogprob
 
 # --------------------------------------------------------------------------------------------------------------
 # Errors. The service maps engine errors by class name and by the `grpc_code` attribute

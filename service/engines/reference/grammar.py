@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from service.engines.base import SamplingParams
+from genrpc.service.engines.base import SamplingParams
 
 log = logging.getLogger(__name__)
 

@@ -21,8 +21,8 @@ from tokenizers.decoders import DecodeStream
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from service.engines.base import FinishReason, GenerationRequest
-from service.engines.cpu.sampling import Sampler
+from genrpc.service.engines.base import FinishReason, GenerationRequest
+from genrpc.service.engines.reference.sampling import Sampler
 
 
 @dataclass(eq=False)

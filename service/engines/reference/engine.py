@@ -1,4 +1,4 @@
-"""CpuEngine: torch + transformers on CPU, continuous batching in one worker thread.
+"""ReferenceEngine: torch + transformers on CPU, continuous batching in one worker thread.
 
 The asyncio side only queues jobs and reads per-request asyncio.Queues; the model runs exclusively on the
 worker thread, which loops: drop finished/cancelled rows -> admit waiting jobs (prefill each alone, merge into
@@ -20,13 +20,13 @@ from typing import Any
 import torch
 
 from genrpc.settings import Settings
-from service.engines.base import FinishReason, GenerationDelta, GenerationRequest, ModelInfo, SamplingParams
-from service.engines.cpu import invariance
-from service.engines.cpu.batch import Job, SharedBatch, finish_reason
-from service.engines.cpu.grammar import GrammarCompilerCache, RowGrammar, is_constrained
-from service.engines.cpu.model_store import resolve_model_dir
-from service.engines.cpu.sampling import Sampler
-from service.engines.hf_tokenizer import HFTokenizer
+from genrpc.service.engines.base import FinishReason, GenerationDelta, GenerationRequest, ModelInfo, SamplingParams
+from genrpc.service.engines.reference import invariance
+from genrpc.service.engines.reference.batch import Job, SharedBatch, finish_reason
+from genrpc.service.engines.reference.grammar import GrammarCompilerCache, RowGrammar, is_constrained
+from genrpc.service.engines.reference.model_store import resolve_model_dir
+from genrpc.service.engines.reference.sampling import Sampler
+from genrpc.service.engines.hf_tokenizer import HFTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -54,13 +54,13 @@ class EngineStoppedError(RuntimeError):
     """The engine is not started, or was shut down while the request was queued or running (UNAVAILABLE)."""
 
 
-class CpuEngine:
+class ReferenceEngine:
     """The default engine. See the module docstring and `batch.py` for the batching scheme."""
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
         # False gives up bit-identical batched/alone results for ~1.6x faster lone streams.
-        self._batch_invariant = settings.cpu_batch_invariant
+        self._batch_invariant = settings.reference_batch_invariant
         self._model: Any = None
         self._tokenizer: HFTokenizer | None = None
         self._model_info: ModelInfo | None = None
@@ -159,7 +159,7 @@ class CpuEngine:
             model_id=self._settings.model_id,
             context_length_tokens=self._settings.context_length or int(config.max_position_embeddings),
             fingerprint="cpu-" + hashlib.sha256(str(model_dir.resolve()).encode()).hexdigest()[:10],
-            extra={"engine": "cpu", "model_dir": str(model_dir), "dtype": "float32",
+            extra={"engine": "reference", "model_dir": str(model_dir), "dtype": "float32",
                    "batch_invariant": self._batch_invariant,
                    "torch_threads": torch.get_num_threads(), "max_batch_size": self._settings.max_batch_size},
         )

@@ -11,8 +11,8 @@ import time
 import pytest
 
 from genrpc.settings import Settings
-from service.engines.base import Engine, FinishReason, GenerationDelta, GenerationRequest, SamplingParams
-from service.engines.cpu import (CpuEngine, EngineStoppedError, InvalidGrammarError, QueueFullError,
+from genrpc.service.engines.base import Engine, FinishReason, GenerationDelta, GenerationRequest, SamplingParams
+from genrpc.service.engines.reference import (ReferenceEngine, EngineStoppedError, InvalidGrammarError, QueueFullError,
                                  UnsupportedRequestError, resolve_model_dir)
 
 MAX_BATCH = 8
@@ -31,19 +31,19 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 async def engine():
-    eng = CpuEngine(Settings(max_batch_size=MAX_BATCH, max_queue=1))
+    eng = ReferenceEngine(Settings(max_batch_size=MAX_BATCH, max_queue=1))
     await eng.start()
     yield eng
     await eng.shutdown()
 
 
 @pytest.fixture(scope="module")
-def prompts(engine: CpuEngine) -> list[list[int]]:
+def prompts(engine: ReferenceEngine) -> list[list[int]]:
     return [engine.tokenizer.apply_chat_template([{"role": "user", "content": p}]) for p in PROMPTS]
 
 
 @pytest.fixture(scope="module")
-async def alone_runs(engine: CpuEngine, prompts: list[list[int]]) -> list[list[GenerationDelta]]:
+async def alone_runs(engine: ReferenceEngine, prompts: list[list[int]]) -> list[list[GenerationDelta]]:
     """Each prompt's greedy 32 tokens (with the logprob of each), run strictly one at a time."""
     return [await collect(engine, p, max_tokens=32, logprobs=0) for p in prompts]
 
@@ -59,7 +59,7 @@ def request(prompt: list[int], max_tokens: int = 32, **sampling) -> GenerationRe
                              sampling=SamplingParams(max_tokens=max_tokens, **sampling))
 
 
-async def collect(engine: CpuEngine, prompt: list[int], delay: float = 0.0, **kw) -> list[GenerationDelta]:
+async def collect(engine: ReferenceEngine, prompt: list[int], delay: float = 0.0, **kw) -> list[GenerationDelta]:
     await asyncio.sleep(delay)
     return [d async for d in engine.generate(request(prompt, **kw))]
 
@@ -75,14 +75,14 @@ async def wait_for(predicate, timeout: float = 30.0) -> None:
         await asyncio.sleep(0.01)
 
 
-def test_protocol_and_model_info(engine: CpuEngine) -> None:
+def test_protocol_and_model_info(engine: ReferenceEngine) -> None:
     assert isinstance(engine, Engine)
     assert engine.model_info.model_id == "smollm2-135m-instruct"
     assert engine.model_info.context_length_tokens == 8192  # SmolLM2's max_position_embeddings
     assert engine.tokenizer.eos_token_ids  # <|im_end|>
 
 
-async def test_batched_greedy_matches_alone(engine: CpuEngine, prompts, alone, alone_runs) -> None:
+async def test_batched_greedy_matches_alone(engine: ReferenceEngine, prompts, alone, alone_runs) -> None:
     assert all(len(a) == 32 for a in alone)
     # Half start together, the rest join a running batch a little later (merge with left padding).
     runs = [collect(engine, p, delay=0.0 if i < 4 else 0.15 * (i - 3), logprobs=0) for i, p in enumerate(prompts)]
@@ -97,7 +97,7 @@ async def test_batched_greedy_matches_alone(engine: CpuEngine, prompts, alone, a
     await wait_for(lambda: engine.running_requests == 0)  # rows leave the batch just after their last delta
 
 
-async def test_cancel_mid_stream_frees_slot_and_spares_others(engine: CpuEngine, prompts, alone) -> None:
+async def test_cancel_mid_stream_frees_slot_and_spares_others(engine: ReferenceEngine, prompts, alone) -> None:
     others = [asyncio.create_task(collect(engine, p)) for p in prompts[1:4]]
     stream = engine.generate(request(prompts[0], max_tokens=200))
     for _ in range(5):
@@ -109,7 +109,7 @@ async def test_cancel_mid_stream_frees_slot_and_spares_others(engine: CpuEngine,
     assert [_tokens(r) for r in results] == alone[1:4]
 
 
-async def test_task_cancel_frees_slot(engine: CpuEngine, prompts) -> None:
+async def test_task_cancel_frees_slot(engine: ReferenceEngine, prompts) -> None:
     task = asyncio.create_task(collect(engine, prompts[0], max_tokens=500))
     await wait_for(lambda: engine.running_requests == 1)
     task.cancel()
@@ -118,7 +118,7 @@ async def test_task_cancel_frees_slot(engine: CpuEngine, prompts) -> None:
     await wait_for(lambda: engine.running_requests == 0, timeout=5)
 
 
-async def test_seed_reproducibility(engine: CpuEngine, prompts) -> None:
+async def test_seed_reproducibility(engine: ReferenceEngine, prompts) -> None:
     def sampled(seed: int) -> list[int]:
         return collect(engine, prompts[6], max_tokens=16, temperature=1.0, top_p=0.95, seed=seed)
 
@@ -130,7 +130,7 @@ async def test_seed_reproducibility(engine: CpuEngine, prompts) -> None:
     assert _tokens(alone_first) == _tokens(first)
 
 
-async def test_eos_is_stop_and_max_tokens_is_length(engine: CpuEngine) -> None:
+async def test_eos_is_stop_and_max_tokens_is_length(engine: ReferenceEngine) -> None:
     prompt = engine.tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}])
     deltas = await collect(engine, prompt, max_tokens=100)
     assert deltas[-1].finish_reason is FinishReason.STOP
@@ -150,7 +150,7 @@ async def test_eos_is_stop_and_max_tokens_is_length(engine: CpuEngine) -> None:
     assert [d.finish_reason for d in deltas] == [FinishReason.STOP]
 
 
-async def test_sampling_extras(engine: CpuEngine) -> None:
+async def test_sampling_extras(engine: ReferenceEngine) -> None:
     prompt = engine.tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}])
     deltas = await collect(engine, prompt, max_tokens=12, ignore_eos=True)
     assert deltas[-1].finish_reason is FinishReason.LENGTH and deltas[-1].completion_tokens == 12
@@ -167,7 +167,7 @@ async def test_sampling_extras(engine: CpuEngine) -> None:
         assert lp.token_id == forced and lp.logprob <= 0 and len(lp.top) == 2
 
 
-async def test_queued_request_cancelled_never_runs_and_queue_limit(engine: CpuEngine, prompts) -> None:
+async def test_queued_request_cancelled_never_runs_and_queue_limit(engine: ReferenceEngine, prompts) -> None:
     admitted = engine.admitted_requests
     full = [asyncio.create_task(collect(engine, p, max_tokens=24)) for p in prompts]
     await wait_for(lambda: engine.running_requests == MAX_BATCH)
@@ -184,7 +184,7 @@ async def test_queued_request_cancelled_never_runs_and_queue_limit(engine: CpuEn
     assert engine.admitted_requests - admitted == MAX_BATCH
 
 
-async def test_worker_error_fails_request_then_recovers(engine: CpuEngine, prompts, alone) -> None:
+async def test_worker_error_fails_request_then_recovers(engine: ReferenceEngine, prompts, alone) -> None:
     batch = engine._batch
     real_step = batch.decode_step
 
@@ -199,12 +199,12 @@ async def test_worker_error_fails_request_then_recovers(engine: CpuEngine, promp
     assert _tokens(await collect(engine, prompts[0])) == alone[0]
 
 
-async def test_prompt_longer_than_context_is_rejected(engine: CpuEngine) -> None:
+async def test_prompt_longer_than_context_is_rejected(engine: ReferenceEngine) -> None:
     with pytest.raises(ValueError, match="context"):
         await collect(engine, [1] * engine.model_info.context_length_tokens)
 
 
-def test_streaming_detokeniser_keeps_utf8_and_spaces(engine: CpuEngine) -> None:
+def test_streaming_detokeniser_keeps_utf8_and_spaces(engine: ReferenceEngine) -> None:
     text = "Héllo  wörld, 世界 🙂 ends with space "
     ids = engine.tokenizer.encode(text)
     stream = engine.tokenizer.decode_stream()
@@ -213,7 +213,7 @@ def test_streaming_detokeniser_keeps_utf8_and_spaces(engine: CpuEngine) -> None:
     assert all("\ufffd" not in p for p in pieces if p)
 
 
-def test_model_store_reuses_conversion(engine: CpuEngine) -> None:
+def test_model_store_reuses_conversion(engine: ReferenceEngine) -> None:
     settings = Settings()
     t0 = time.perf_counter()
     first = resolve_model_dir(settings)
@@ -302,7 +302,7 @@ def check_schema(schema: dict, value, path: str = "$") -> None:
         assert isinstance(value, bool), f"{path}: not a boolean"
 
 
-def _chat(engine: CpuEngine, text: str) -> list[int]:
+def _chat(engine: ReferenceEngine, text: str) -> list[int]:
     return engine.tokenizer.apply_chat_template([{"role": "user", "content": text}])
 
 
@@ -310,7 +310,7 @@ def _text(deltas: list[GenerationDelta]) -> str:
     return "".join(d.text for d in deltas)
 
 
-async def test_json_schema_output_always_validates(engine: CpuEngine) -> None:
+async def test_json_schema_output_always_validates(engine: ReferenceEngine) -> None:
     person = _chat(engine, "Describe a fictional person as JSON.")
     order = _chat(engine, "Give me an example shop order as JSON.")
     any_object = _chat(engine, 'Return a JSON object with the keys "name" and "age" for a cat.')
@@ -329,7 +329,7 @@ async def test_json_schema_output_always_validates(engine: CpuEngine) -> None:
         assert isinstance(value, dict)
 
 
-async def test_greedy_json_and_max_tokens_is_length(engine: CpuEngine) -> None:
+async def test_greedy_json_and_max_tokens_is_length(engine: ReferenceEngine) -> None:
     prompt = _chat(engine, "Describe a fictional person as JSON.")
     deltas = await collect(engine, prompt, max_tokens=80, json_schema=json.dumps(PERSON_SCHEMA), logprobs=0)
     assert deltas[-1].finish_reason is FinishReason.STOP
@@ -341,8 +341,8 @@ async def test_greedy_json_and_max_tokens_is_length(engine: CpuEngine) -> None:
     assert _text(deltas).startswith(_text(short))
 
 
-async def test_forced_tool_call_grammar(engine: CpuEngine) -> None:
-    from service.constraints import forced_tool_call_grammar
+async def test_forced_tool_call_grammar(engine: ReferenceEngine) -> None:
+    from genrpc.service.constraints import forced_tool_call_grammar
 
     grammar = forced_tool_call_grammar([WEATHER_TOOL], parallel=False)
     prompt = _chat(engine, "What is the weather like in Paris today?")
@@ -357,7 +357,7 @@ async def test_forced_tool_call_grammar(engine: CpuEngine) -> None:
         check_schema(WEATHER_TOOL["function"]["parameters"], call["arguments"])
 
 
-async def test_constrained_row_leaves_batch_neighbours_unchanged(engine: CpuEngine, prompts, alone,
+async def test_constrained_row_leaves_batch_neighbours_unchanged(engine: ReferenceEngine, prompts, alone,
                                                                  alone_runs) -> None:
     constrained = collect(engine, _chat(engine, "Describe a fictional person as JSON."), max_tokens=40,
                           temperature=1.0, seed=3, json_schema=json.dumps(PERSON_SCHEMA))
@@ -368,7 +368,7 @@ async def test_constrained_row_leaves_batch_neighbours_unchanged(engine: CpuEngi
         assert [d.logprobs[0].logprob for d in deltas] == [d.logprobs[0].logprob for d in alone_runs[i]]
 
 
-async def test_bad_grammar_is_rejected(engine: CpuEngine) -> None:
+async def test_bad_grammar_is_rejected(engine: ReferenceEngine) -> None:
     prompt = _chat(engine, "Hi")
     await wait_for(lambda: engine.running_requests == 0)  # the previous test's rows leave one step late
     with pytest.raises(InvalidGrammarError, match="JSON schema") as info:
@@ -385,12 +385,12 @@ async def test_bad_grammar_is_rejected(engine: CpuEngine) -> None:
     assert engine.running_requests == 0 and engine.waiting_requests == 0  # nothing was queued
 
 
-async def test_min_tokens_yields_to_a_complete_grammar(engine: CpuEngine) -> None:
+async def test_min_tokens_yields_to_a_complete_grammar(engine: ReferenceEngine) -> None:
     deltas = await collect(engine, _chat(engine, "Say yes."), max_tokens=8, ebnf='root ::= "yes"', min_tokens=5)
     assert _text(deltas) == "yes" and deltas[-1].finish_reason is FinishReason.STOP
 
 
-async def test_shutdown_fails_running_requests(engine: CpuEngine, prompts) -> None:
+async def test_shutdown_fails_running_requests(engine: ReferenceEngine, prompts) -> None:
     """Runs last: it stops the module's engine."""
     task = asyncio.create_task(collect(engine, prompts[0], max_tokens=500))
     await wait_for(lambda: engine.running_requests == 1)

@@ -8,8 +8,8 @@ from collections.abc import Sequence
 
 import torch
 
-from service.engines.base import SamplingParams, TokenLogprob
-from service.engines.cpu.grammar import RowGrammar
+from genrpc.service.engines.base import SamplingParams, TokenLogprob
+from genrpc.service.engines.reference.grammar import RowGrammar
 
 
 class Sampler:
