@@ -48,46 +48,36 @@ def settings_env(settings: Settings) -> dict[str, str]:
 
 
 def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
-    """Starts service, bridge and Envoy in order, each once the previous is ready; stops them in reverse."""
+    """Runs service, bridge and Envoy under genrpc.supervisor (start in order, restart on crash, drain in order)."""
     from genrpc import envoy_config, processes
+    from genrpc.supervisor import ChildSpec, Supervisor
 
     _logging(settings)
     log = logging.getLogger("genrpc.up")
     env = settings_env(settings)
     run_dir = pathlib.Path(tempfile.mkdtemp(prefix="genrpc-up-"))
-    children: list[processes.Child] = []
-    stopping = False
-
-    def request_stop(signum, _frame):
-        nonlocal stopping
-        stopping = True
-        raise KeyboardInterrupt
-
     try:
-        envoy_yaml(settings)  # a bad --api-keys-file fails here, before minutes of model loading
+        config = envoy_yaml(settings)  # a bad --api-keys-file fails here, before minutes of model loading
     except (OSError, ValueError) as error:
         log.error("envoy config: %s", error)
         return 2
     if settings.api_keys_file:
         log.info("Envoy requires an API key (Authorization: Bearer KEY) from %s", settings.api_keys_file)
-    signal.signal(signal.SIGTERM, request_stop)
+    config_path = run_dir / "envoy.yaml"
+    config_path.write_text(config)
     cli = [sys.executable, "-m", "genrpc.cli"]
-    try:
-        log.info("starting the gRPC service (first run converts the bundled model; this takes a while)")
-        service = processes.spawn("service", [*cli, "serve"], env=env)
-        children.append(service)
-        processes.wait_until(processes.grpc_serving(settings.grpc_address()), service, MODEL_LOAD_TIMEOUT_S,
-                             "SERVING")
-        bridge = processes.spawn("bridge", [*cli, "bridge"], env=env)
-        children.append(bridge)
-        processes.wait_until(processes.http_ok(f"http://{settings.host}:{settings.bridge_port}/health"), bridge, 60,
-                             "ready")
-        config_path = run_dir / "envoy.yaml"
-        config_path.write_text(envoy_yaml(settings))
-        envoy = processes.spawn("envoy", envoy_config.envoy_command(str(config_path), base_id=args.envoy_base_id))
-        children.append(envoy)
-        processes.wait_until(processes.http_ok(f"http://127.0.0.1:{settings.envoy_admin_port}/ready"), envoy, 60,
-                             "ready")
+    drain_s = settings.shutdown_grace_s + 5
+    specs = [
+        ChildSpec("service", lambda: [*cli, "serve"], processes.grpc_serving(settings.grpc_address()),
+                  MODEL_LOAD_TIMEOUT_S, env, stop_timeout_s=drain_s),
+        ChildSpec("bridge", lambda: [*cli, "bridge"],
+                  processes.http_ok(f"http://{settings.host}:{settings.bridge_port}/health"), 60, env,
+                  stop_timeout_s=drain_s),
+        ChildSpec("envoy", lambda: envoy_config.envoy_command(str(config_path), base_id=args.envoy_base_id),
+                  processes.http_ok(f"http://127.0.0.1:{settings.envoy_admin_port}/ready"), 60),
+    ]
+
+    def announce() -> None:
         print(f"""
 genrpc is up (model {settings.model_id}):
   OpenAI REST   http://{settings.host}:{settings.envoy_port}/v1
@@ -96,25 +86,9 @@ genrpc is up (model {settings.model_id}):
   gRPC (direct) {settings.grpc_address()}
   metrics       http://{settings.host}:{settings.metrics_port}/metrics
 Press Ctrl-C to stop.""", flush=True)
-        while all(child.process.poll() is None for child in children):
-            try:
-                children[0].process.wait(timeout=0.5)
-            except Exception:  # noqa: BLE001 - TimeoutExpired: keep watching all children
-                pass
-        dead = [c for c in children if c.process.poll() is not None]
-        log.error("%s exited unexpectedly; stopping the others", ", ".join(c.name for c in dead))
-        return 1
-    except KeyboardInterrupt:
-        log.info("stopping")
-        return 0
-    except (processes.ChildDied, TimeoutError) as error:
-        log.error("%s", error)
-        return 1
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        for child in reversed(children):
-            child.stop(timeout_s=settings.shutdown_grace_s + 5)
+
+    log.info("starting the stack (the service first: loading the model takes a while)")
+    return Supervisor(specs, on_ready=announce).run()
 
 
 def envoy_yaml(settings: Settings, *, listen_host: str | None = None, grpc_host: str | None = None,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -17,6 +18,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 class ChildDied(RuntimeError):
     pass
+
+
+class Interrupted(Exception):
+    """A wait was abandoned because the caller is stopping (SIGTERM during start-up)."""
 
 
 @dataclass
@@ -70,10 +75,13 @@ def spawn(name: str, argv: list[str], *, env: dict[str, str] | None = None, log_
 
 
 def wait_until(ready: Callable[[], bool], child: Child | None, timeout_s: float, what: str,
-               interval_s: float = 0.02) -> None:
-    """Polls `ready` until it returns True; fails at once (with the child's output) if the child dies."""
+               interval_s: float = 0.02, stop: threading.Event | None = None) -> None:
+    """Polls `ready` until it returns True; fails at once (with the child's output) if the child dies, and
+    raises Interrupted once `stop` is set."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
+        if stop is not None and stop.is_set():
+            raise Interrupted(f"stopped while waiting for {child.name if child else 'a condition'}")
         if child is not None:
             child.ensure_alive()
         try:
