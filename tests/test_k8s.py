@@ -257,7 +257,7 @@ def test_envoy_config_and_descriptor_come_from_the_generated_files(overlay):
     descriptor.write_bytes(base64.b64decode(descriptor_cm["binaryData"]["genrpc.pb"]))
     check = root / "validate.yaml"
     check.write_text(config_path.read_text().replace(render_k8s_envoy.DESCRIPTOR_MOUNT, str(descriptor)))
-    from genrpc import envoy_config as envoy_config_module
+    from genrpc.envoy import config as envoy_config_module
 
     res = subprocess.run([envoy_config_module.envoy_binary(), "--mode", "validate", "-c", str(check), "-l", "error"],
                          capture_output=True, text=True, timeout=60)
