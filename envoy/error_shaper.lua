@@ -96,7 +96,9 @@ local function shape(status)
     end
   end
   local message = status.message
-  if not is_json_string(message) or message == '""' then message = json_string("gRPC error " .. tostring(status.code)) end
+  if not is_json_string(message) or message == '""' then
+    message = json_string("gRPC error " .. tostring(status.code))
+  end
   return mapped[1], openai_error(message, mapped[2], param, code)
 end
 

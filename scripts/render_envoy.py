@@ -4,7 +4,7 @@
 The descriptor path is relative (envoy/genrpc.pb): from the repository root, `envoy -c
 envoy/rendered/genrpc-local.yaml` runs it. Run `python scripts/render_envoy.py` after changing envoy/,
 genrpc/error_table.py or the settings' defaults; `--check` exits 1 when the committed file is stale
-(tests/test_envoy_config.py asserts the same).
+(tests/test_envoy_template.py asserts the same).
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@
 
 kustomize's configMapGenerator cannot read files outside the kustomization's directory, hence the copy.
 Envoy's config is not committed for Kubernetes: the Envoy pod's init container renders it at start with
-`genrpc envoy-config` (genrpc/envoy_config.py) and the API keys from the `genrpc-api-keys` Secret; the in-cluster
+`genrpc envoy-config` (envoy/envoy.yaml.j2) and the API keys from the `genrpc-api-keys` Secret; the in-cluster
 addresses below are what its arguments must say (tests/test_k8s.py runs those arguments and checks the result).
 Run `python scripts/render_k8s_envoy.py` after changing protos/; `--check` exits 1 when the committed copy is stale
 (tests/test_k8s.py asserts the same).

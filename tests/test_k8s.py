@@ -14,6 +14,7 @@ import base64
 import functools
 import importlib.util
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -369,5 +370,12 @@ def test_dockerfiles_lint(dockerfile):
     assert out.returncode == 0, out.stdout + out.stderr
     text = (ROOT / "docker" / dockerfile).read_text()
     assert "USER 10001" in text  # matches the pods' runAsUser
+    # what `pip install .` needs: setup.py (the genrpc.* package layout) and every folder it maps, envoy/ included
+    # (its template, Lua and descriptor are package data)
+    assert re.search(r"^COPY pyproject.toml setup.py ./$", text, re.M), text
+    ignore = (ROOT / "docker" / f"{dockerfile}.dockerignore").read_text().split()
+    for folder in ("genrpc", "service", "bridge", "envoy"):
+        assert f"COPY {folder}/ {folder}/" in text and f"!{folder}/" in ignore, folder
+    assert "!setup.py" in ignore
     if dockerfile == "Dockerfile.service-gpu":
         assert "sglang==0.5.23" in text
