@@ -47,6 +47,8 @@ test: venv
 
 protos: venv
 	$(PY) scripts/gen_protos.py
+	# kustomize reads the descriptor only from inside k8s/: refresh its copy in the same step
+	$(PY) scripts/render_k8s_envoy.py
 
 bench: venv
 	$(PY) benchmarks/bench_cpu_engine.py
