@@ -47,8 +47,8 @@ test: venv
 
 protos: venv
 	$(PY) scripts/gen_protos.py
-	# kustomize reads the descriptor only from inside k8s/: refresh its copy in the same step
-	$(PY) scripts/render_k8s_envoy.py
+	# the descriptor's copy in k8s/ (kustomize reads only inside k8s/) and Envoy's committed rendering
+	$(PY) scripts/render_envoy.py
 
 bench: venv
 	$(PY) benchmarks/bench_cpu_engine.py

@@ -1,5 +1,5 @@
 """Regenerates everything derived from protos/: Python stubs (genrpc/v1/) and Envoy's descriptor set
-(envoy/genrpc.pb, package data of genrpc.envoy; `make protos` then copies it into k8s/).
+(envoy/genrpc.pb, package data of genrpc.envoy; `make protos` then runs scripts/render_envoy.py).
 
 Run through `make protos`. tests/test_protos.py regenerates into a temporary folder and fails when the
 committed outputs differ.

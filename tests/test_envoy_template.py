@@ -33,9 +33,9 @@ def _validate(config: Path, cwd: Path) -> subprocess.CompletedProcess:
 
 
 def test_committed_rendering_is_current_and_valid():
-    assert render_envoy.RENDERED.read_text() == render_envoy.rendered(), \
+    assert render_envoy.LOCAL_CONFIG.read_text() == render_envoy.local_config(), \
         "stale envoy/rendered/genrpc-local.yaml: run `python scripts/render_envoy.py`"
-    result = _validate(render_envoy.RENDERED, ROOT)  # its descriptor path is relative to the repository root
+    result = _validate(render_envoy.LOCAL_CONFIG, ROOT)  # its descriptor path is relative to the repository root
     assert result.returncode == 0, result.stdout + result.stderr
 
 
