@@ -99,14 +99,19 @@ def test_the_error_table_is_what_envoy_carries():
 
 class _StandInBridge(BaseHTTPRequestHandler):
     """Records each request; answers 200 JSON, except /health/ready: 503 with a JSON body that is not an error in
-    OpenAI's shape (the Lua shaper must pass it through untouched)."""
+    OpenAI's shape (the Lua shaper must pass it through untouched), and the DashScope prefix: a plain-text 405
+    (the Lua shaper turns it into an OpenAI error)."""
     seen: list[tuple[str, str, str | None]] = []
 
     def do_GET(self):  # noqa: N802 - http.server's naming
         self.seen.append(("GET", self.path, self.headers.get("x-client-id")))
-        status, body = (503, b'{"status":"not_serving"}') if self.path == "/health/ready" else (200, b'{"ok":1}')
+        status, body, content_type = 200, b'{"ok":1}', "application/json"
+        if self.path == "/health/ready":
+            status, body = 503, b'{"status":"not_serving"}'
+        elif self.path.startswith("/api/v1/services/aigc/"):
+            status, body, content_type = 405, 'Method "GET" \\ not allowed: naïve\n'.encode(), "text/plain"
         self.send_response(status)
-        self.send_header("content-type", "application/json")
+        self.send_header("content-type", content_type)
         self.send_header("content-length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
@@ -148,6 +153,11 @@ def test_public_bridge_routes_need_no_api_key(tmp_path, stand_in_bridge):
             assert len(_StandInBridge.seen) == seen  # refused by Envoy
             resp = http.get("/health", headers={"authorization": "Bearer sk-public"})
             assert resp.status_code == 200 and _StandInBridge.seen[-1] == ("GET", "/health", None)
+            resp = http.get("/api/v1/services/aigc/x", headers={"authorization": "Bearer sk-public"})
+            assert resp.status_code == 405 and resp.headers["content-type"] == "application/json", resp.text
+            assert resp.json() == {"error": {"message": 'Method "GET" \\ not allowed: naïve', "param": None,
+                                             "type": "invalid_request_error", "code": None}}
+            assert _StandInBridge.seen[-1] == ("GET", "/api/v1/services/aigc/x", "team-a")
 
 
 def test_a_non_editable_install_ships_template_lua_and_descriptor(tmp_path):
