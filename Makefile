@@ -47,6 +47,8 @@ test: venv
 
 protos: venv
 	$(PY) scripts/gen_protos.py
+	# the descriptor's copy in k8s/ (kustomize reads only inside k8s/) and Envoy's committed rendering
+	$(PY) scripts/render_envoy.py
 
 bench: venv
 	$(PY) benchmarks/bench_cpu_engine.py

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import inspect
 import logging
 import os
 import pathlib
@@ -16,8 +15,6 @@ from typing import Any
 from genrpc import settings as settings_module
 from genrpc.settings import Settings
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
-DESCRIPTOR_PATH = REPO_ROOT / "envoy" / "genrpc.pb"
 MODEL_LOAD_TIMEOUT_S = 900  # first run converts the bundled GGUF; a slow disk can take minutes
 
 
@@ -49,7 +46,8 @@ def settings_env(settings: Settings) -> dict[str, str]:
 
 def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
     """Runs service, bridge and Envoy under genrpc.supervisor (start in order, restart on crash, drain in order)."""
-    from genrpc import envoy_config, processes
+    from genrpc import processes
+    from genrpc.envoy import config as envoy_config
     from genrpc.supervisor import ChildSpec, Supervisor
 
     _logging(settings)
@@ -93,29 +91,23 @@ Press Ctrl-C to stop.""", flush=True)
 
 def envoy_yaml(settings: Settings, *, listen_host: str | None = None, grpc_host: str | None = None,
                bridge_host: str | None = None, descriptor: str | pathlib.Path | None = None, **options: Any) -> str:
-    """Envoy's config for `settings`, the one path from settings to `genrpc.envoy_config.render` (used by
+    """Envoy's config for `settings`, the one path from settings to `genrpc.envoy.config.render` (used by
     `genrpc up` and `genrpc envoy-config`). Hosts default to --host; `--api-keys-file` turns on Bearer-key auth,
-    `--cors-allowed-origins` CORS and `--rate-limit-rps` the rate limit. `options`: render's optional limits (max_request_bytes, unary_timeout_s, stream_idle_timeout_s)."""
-    from genrpc import envoy_config
+    `--cors-allowed-origins` CORS and `--rate-limit-rps` the rate limit. `options`: render's optional limits
+    (max_request_bytes, unary_timeout_s, stream_idle_timeout_s). The descriptor defaults to the installed one."""
+    from genrpc.envoy import config as envoy_config
 
     api_keys = envoy_config.read_api_keys(settings.api_keys_file) if settings.api_keys_file else None
     return envoy_config.render(
         listen_host=listen_host or settings.host, listen_port=settings.envoy_port,
         admin_port=settings.envoy_admin_port, grpc_host=grpc_host or settings.host, grpc_port=settings.grpc_port,
         bridge_host=bridge_host or settings.host, bridge_port=settings.bridge_port,
-        descriptor_path=str(descriptor or DESCRIPTOR_PATH), api_keys=api_keys,
+        descriptor_path=str(descriptor or envoy_config.descriptor_path()), api_keys=api_keys,
         cors_allowed_origins=settings.cors_origins(), rate_limit_rps=settings.rate_limit_rps, **options)
 
 
 ENVOY_SETTINGS = ["host", "grpc_port", "bridge_port", "envoy_port", "envoy_admin_port", "api_keys_file",
                   "cors_allowed_origins", "rate_limit_rps"]
-
-
-def _render_defaults() -> dict[str, Any]:
-    from genrpc import envoy_config
-
-    params = inspect.signature(envoy_config.build).parameters
-    return {name: params[name].default for name in ("max_request_bytes", "unary_timeout_s", "stream_idle_timeout_s")}
 
 
 def cmd_envoy_config(settings: Settings, args: argparse.Namespace) -> int:
@@ -169,6 +161,8 @@ def cmd_chat(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from genrpc.envoy.config import DEFAULT_LIMITS
+
     parser = argparse.ArgumentParser(prog="genrpc", description="LLM over gRPC and OpenAI REST.")
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="run the gRPC service")
@@ -191,12 +185,12 @@ def main(argv: list[str] | None = None) -> int:
     envoy.add_argument("--grpc-host", default=None, help="host of the gRPC service, an IP or a DNS name such as a "
                                                          "Kubernetes Service (default: --host)")
     envoy.add_argument("--bridge-host", default=None, help="host of the SSE bridge (default: --host)")
-    envoy.add_argument("--descriptor", default=str(DESCRIPTOR_PATH),
+    envoy.add_argument("--descriptor", default=None,
                        help="path of the proto descriptor set as Envoy will see it (not read here) "
-                            "[default: envoy/genrpc.pb in this checkout]")
-    for name, default in _render_defaults().items():
+                            "[default: the one installed with genrpc, genrpc/envoy/genrpc.pb]")
+    for name, default in DEFAULT_LIMITS.items():
         envoy.add_argument("--" + name.replace("_", "-"), type=int, default=default,
-                           help=f"see genrpc.envoy_config.render [default {default}]")
+                           help=f"see genrpc.envoy.config.render [default {default}]")
     envoy.add_argument("--output", "-o", default="-", help="file to write (replaced atomically; - = stdout)")
     args = parser.parse_args(argv)
     settings = settings_module.from_args(args)

@@ -35,6 +35,11 @@ HTTP_ERROR_TYPES: dict[int, str] = {
     404: "invalid_request_error", 405: "invalid_request_error", 409: "invalid_request_error",
     413: "invalid_request_error", 415: "invalid_request_error", 429: "rate_limit_error",
 }
+# HTTP status -> OpenAI code, for Envoy's own replies where OpenAI has one (auth, body limit, rate limit, upstream).
+HTTP_ERROR_CODES: dict[int, str] = {
+    401: "invalid_api_key", 413: "request_too_large", 429: "rate_limit_exceeded", 503: "service_unavailable",
+    504: "timeout",
+}
 
 # ---- DashScope (https://help.aliyun.com/zh/model-studio/developer-reference/error-code) --------------------
 

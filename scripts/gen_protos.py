@@ -1,4 +1,5 @@
-"""Regenerates everything derived from protos/: Python stubs (genrpc/v1/) and Envoy's descriptor set.
+"""Regenerates everything derived from protos/: Python stubs (genrpc/v1/) and Envoy's descriptor set
+(envoy/genrpc.pb, package data of genrpc.envoy; `make protos` then runs scripts/render_envoy.py).
 
 Run through `make protos`. tests/test_protos.py regenerates into a temporary folder and fails when the
 committed outputs differ.
@@ -44,7 +45,7 @@ def main() -> None:
     parser.add_argument("--python-out", type=pathlib.Path, default=ROOT,
                         help="folder that receives genrpc/v1/*_pb2*.py")
     parser.add_argument("--descriptor-out", type=pathlib.Path, default=ROOT / "envoy" / "genrpc.pb",
-                        help="Envoy's descriptor set")
+                        help="Envoy's descriptor set (the package data genrpc.envoy ships)")
     args = parser.parse_args()
     generate(args.python_out, args.descriptor_out)
 

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from genrpc import envoy_config
+from genrpc.envoy import config as envoy_config
 from genrpc.processes import Child as Proc
 from genrpc.processes import http_ok, spawn, wait_until  # noqa: F401 - re-exported for the tests
 
@@ -98,7 +98,7 @@ def start_envoy(workdir: Path, *, grpc_port: int, bridge_port: int, grpc_host: s
     config_path.write_text(envoy_config.render(
         listen_host=HOST, listen_port=port, admin_port=admin_port, grpc_host=grpc_host, grpc_port=grpc_port,
         bridge_host=bridge_host, bridge_port=bridge_port,
-        descriptor_path=envoy_config.default_descriptor_path(), **options))
+        descriptor_path=envoy_config.descriptor_path(), **options))
     proc = spawn(name, envoy_config.envoy_command(config_path, base_id=next_base_id(), log_level=log_level),
                  log_path=Path(workdir) / f"{name}.log")
     handle = EnvoyHandle(proc, port, admin_port, config_path)

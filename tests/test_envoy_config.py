@@ -1,4 +1,4 @@
-"""The real Envoy binary with the product config (genrpc.envoy_config.render) in front of a scripted
+"""The real Envoy binary with the product config (genrpc.envoy.config.render) in front of a scripted
 GenerationService (defined here) and the real bridge, driven by the official OpenAI SDK, httpx and grpcio."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from grpc_status import rpc_status
 
 from _procs import HOST, free_port, listening_addresses, run_envoy, start_envoy
 from genrpc.bridge.server import make_server
-from genrpc import envoy_config
+from genrpc.envoy import config as envoy_config
 from genrpc.settings import Settings
 from genrpc.v1 import chat_pb2, common_pb2, completion_pb2, generation_service_pb2_grpc, model_pb2
 
@@ -594,7 +594,7 @@ async def test_api_keys_file_enforced_by_envoy(tmp_path, backend, bridge):
         [str(Path(sys.executable).parent / "genrpc"), "envoy-config", f"--api-keys-file={keys}",
          f"--listen-host={HOST}", f"--envoy-port={port}", f"--envoy-admin-port={admin_port}", f"--grpc-host={HOST}",
          f"--grpc-port={backend[1]}", f"--bridge-host={HOST}", f"--bridge-port={bridge.bridge_port}",
-         f"--descriptor={envoy_config.default_descriptor_path()}", f"--output={config}"],
+         f"--descriptor={envoy_config.descriptor_path()}", f"--output={config}"],
         capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     proc = spawn("envoy-keys-file", envoy_config.envoy_command(config, base_id=next_base_id()),

@@ -14,6 +14,7 @@ import base64
 import functools
 import importlib.util
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -26,7 +27,7 @@ import yaml
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 
-import render_k8s_envoy  # noqa: E402
+import render_envoy  # noqa: E402
 
 from genrpc.settings import Settings  # noqa: E402
 
@@ -133,8 +134,8 @@ def envoy_config(docs: list[dict[str, Any]]) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------------------
 
 def test_committed_envoy_files_equal_a_fresh_rendering():
-    stale = render_k8s_envoy.stale()
-    assert not stale, f"stale: {stale}; run python scripts/render_k8s_envoy.py"
+    stale = render_envoy.stale()
+    assert not stale, f"stale: {stale}; run python scripts/render_envoy.py"
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -169,7 +170,7 @@ def test_strict_validation_is_live():
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_ports_agree_everywhere(overlay):
     docs = render(overlay)
-    defaults = render_k8s_envoy.ports()
+    defaults = render_envoy.ports()
     assert defaults == {"grpc": Settings().grpc_port, "bridge": Settings().bridge_port,
                         "envoy": Settings().envoy_port, "envoy_admin": Settings().envoy_admin_port,
                         "metrics": Settings().metrics_port}
@@ -239,7 +240,7 @@ def test_envoy_config_and_descriptor_come_from_the_generated_files(overlay):
     filters = cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]["http_filters"]
     transcoder = next(f for f in filters if f["name"] == "envoy.filters.http.grpc_json_transcoder")
     assert transcoder["typed_config"]["proto_descriptor"] == f"{mounts['descriptor']}/genrpc.pb" \
-        == render_k8s_envoy.DESCRIPTOR_MOUNT
+        == render_envoy.DESCRIPTOR_MOUNT
     # the keys from the Secret's file are enforced, in order, before the transcoder
     names = [f["name"] for f in filters]
     assert names.index("envoy.filters.http.api_key_auth") < names.index("envoy.filters.http.grpc_json_transcoder")
@@ -248,7 +249,7 @@ def test_envoy_config_and_descriptor_come_from_the_generated_files(overlay):
                                    {"key": "sk-k8s-test-2", "client": "team-b"}]
     # the keys file the init container reads is the Secret's data key
     keys_arg = next(a for a in init["args"] if a.startswith("--api-keys-file=")).split("=", 1)[1]
-    assert keys_arg == render_k8s_envoy.API_KEYS_FILE == f"{init_mounts['api-keys']['mountPath']}/keys"
+    assert keys_arg == render_envoy.API_KEYS_FILE == f"{init_mounts['api-keys']['mountPath']}/keys"
     assert set(secret["data"]) == {"keys"}
 
     # the rendered config is one the real Envoy accepts (descriptor: the ConfigMap's bytes where Envoy mounts it)
@@ -256,8 +257,8 @@ def test_envoy_config_and_descriptor_come_from_the_generated_files(overlay):
     descriptor.parent.mkdir(exist_ok=True)
     descriptor.write_bytes(base64.b64decode(descriptor_cm["binaryData"]["genrpc.pb"]))
     check = root / "validate.yaml"
-    check.write_text(config_path.read_text().replace(render_k8s_envoy.DESCRIPTOR_MOUNT, str(descriptor)))
-    from genrpc import envoy_config as envoy_config_module
+    check.write_text(config_path.read_text().replace(render_envoy.DESCRIPTOR_MOUNT, str(descriptor)))
+    from genrpc.envoy import config as envoy_config_module
 
     res = subprocess.run([envoy_config_module.envoy_binary(), "--mode", "validate", "-c", str(check), "-l", "error"],
                          capture_output=True, text=True, timeout=60)
@@ -369,5 +370,12 @@ def test_dockerfiles_lint(dockerfile):
     assert out.returncode == 0, out.stdout + out.stderr
     text = (ROOT / "docker" / dockerfile).read_text()
     assert "USER 10001" in text  # matches the pods' runAsUser
+    # what `pip install .` needs: setup.py (the genrpc.* package layout) and every folder it maps, envoy/ included
+    # (its template, Lua and descriptor are package data)
+    assert re.search(r"^COPY pyproject.toml setup.py ./$", text, re.M), text
+    ignore = (ROOT / "docker" / f"{dockerfile}.dockerignore").read_text().split()
+    for folder in ("genrpc", "service", "bridge", "envoy"):
+        assert f"COPY {folder}/ {folder}/" in text and f"!{folder}/" in ignore, folder
+    assert "!setup.py" in ignore
     if dockerfile == "Dockerfile.service-gpu":
         assert "sglang==0.5.23" in text
