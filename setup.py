@@ -17,4 +17,5 @@ def _packages() -> list[str]:
     return packages
 
 
-setup(packages=_packages(), package_dir={package: folder for folder, package in NAMESPACED_FOLDERS.items()})
+setup(packages=_packages(), package_dir={package: folder for folder, package in NAMESPACED_FOLDERS.items()},
+      package_data={"genrpc.bridge": ["static/*"]})  # the playground page (bridge/playground.py)
