@@ -91,6 +91,7 @@ def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
                              "ready")
         print(f"""
 genrpc is up (model {settings.model_id}):
+  Playground    http://{settings.host}:{settings.envoy_port}/playground
   OpenAI REST   http://{settings.host}:{settings.envoy_port}/v1
   DashScope     http://{settings.host}:{settings.envoy_port}/api/v1/services/aigc/text-generation/generation
   gRPC (Envoy)  {settings.host}:{settings.envoy_port}

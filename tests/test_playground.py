@@ -16,8 +16,33 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import Select
 
+from _procs import run_envoy
+from test_envoy_config import backend, bridge  # noqa: F401 - fixtures: scripted gRPC service + the real bridge
+
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
+
+
+async def test_page_is_public_self_contained_and_the_api_keeps_its_keys(tmp_path, backend, bridge):  # noqa: F811
+    """Through the real Envoy with API keys on: `/` redirects to the page, the page loads without a key (so
+    the user can type one in), carries its CSS and JS inline under a CSP that allows only them and its own origin,
+    and the API it calls still refuses a request without the key."""
+    with run_envoy(tmp_path, grpc_port=backend[1], bridge_port=bridge.bridge_port, name="envoy-playground",
+                   api_keys={"sk-page": "web"}) as envoy:
+        async with httpx.AsyncClient(base_url=envoy.base_url, timeout=30) as http:
+            root = await http.get("/")
+            assert root.status_code == 302 and root.headers["location"] == "playground"
+            page = await http.get("/playground")
+            assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+            html = page.text
+            assert "<title>genrpc playground</title>" in html and "<style>" in html and "<script>" in html
+            assert not re.search(r"""(src|href)=["']?(https?:)?//""", html), "the page must not load anything remote"
+            csp = page.headers["content-security-policy"]
+            assert "default-src 'none'" in csp and "connect-src 'self'" in csp and "script-src 'sha256-" in csp
+            assert (await http.get("/v1/models")).status_code == 401
+            models = await http.get("/v1/models", headers={"authorization": "Bearer sk-page"})
+            assert models.status_code == 200 and models.json()["data"]
+            assert (await http.post("/playground")).status_code == 405
 
 
 def running_requests(stack) -> float:
