@@ -1,9 +1,11 @@
 """Envoy's configuration, built in one place: `render(...)` returns the YAML for local runs, tests and the
 Kubernetes ConfigMap alike (every deployment-specific value is a parameter; admin is always 127.0.0.1).
 
-One listener, four routes (first match wins):
+One listener, these routes (first match wins):
   1. `content-type: application/grpc*`  -> the gRPC service (HTTP/2), untouched; no route timeout (the
      client's grpc-timeout is honoured), so native gRPC streams are never cut.
+  1b. exactly `/playground` and `/` (the chat page, bridge/playground.py) -> the bridge, untranscoded, without
+     API-key auth (the page asks for the key; the API it calls still requires it).
   2. `POST /v1/...` whose JSON body has `"stream": true` (json_to_metadata -> dynamic metadata match) -> the
      SSE bridge, passed through untranscoded (per-route transcoder with `services: []`), no route timeout.
   3. `/api/v1/services/aigc/...` (DashScope-style API, stream and non-stream) -> the bridge, untranscoded, no
