@@ -5,6 +5,7 @@ server's error messages. Screenshots land in the test's tmp folder."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 import shutil
 import time
@@ -17,7 +18,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import Select
 
 from _procs import run_envoy
-from test_envoy_config import backend, bridge  # noqa: F401 - fixtures: scripted gRPC service + the real bridge
+from test_envoy_config import MODEL, backend, bridge  # noqa: F401 - fixtures: scripted gRPC service + the real bridge
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -165,3 +166,45 @@ def test_playground_chat_stop_and_errors(stack, browser, tmp_path):
                 if "Content Security Policy" in e["message"]]
     assert not problems, problems
     assert (tmp_path / "playground.png").stat().st_size > 10_000
+
+
+def _key_and_error_scenario(driver, base_url: str) -> None:
+    driver.get(f"{base_url}/playground")
+    error = driver.find_element(By.ID, "error")
+    # Envoy requires a key: the model list fails with Envoy's own (OpenAI-shaped) message
+    wait_for(lambda: error.is_displayed() and error.text, 20, "the missing-key error")
+    assert "Client authentication failed" in error.text, error.text
+    key = driver.find_element(By.ID, "api-key")
+    key.send_keys("sk-page")
+    driver.find_element(By.ID, "system").click()  # leaving the field applies the key
+    picker = Select(driver.find_element(By.ID, "model"))
+    wait_for(lambda: MODEL in [o.get_attribute("value") for o in picker.options], 20, "the model list")
+    assert not error.is_displayed()
+
+    send(driver, "hi")
+    answer = wait_for(lambda: assistant_messages(driver), 10, "the answer bubble")[0]
+    wait_for(lambda: "finish" in stats_of(driver, answer), 20, "the end of the answer")
+    assert answer.find_element(By.CSS_SELECTOR, ".content").text == "Hello world"
+    stats = stats_of(driver, answer)
+    assert stats["finish"] == "stop" and stats["usage"] == "5 in · 4 out · 9 total", stats
+
+    # a stream that fails after it started: the SSE error event's message is shown, the partial answer kept
+    driver.execute_script("const s = document.getElementById('model'); s.add(new Option('midfail', 'midfail'));"
+                          "s.value = 'midfail';")
+    send(driver, "hi again")
+    failed = wait_for(lambda: assistant_messages(driver)[1:], 10, "the second answer bubble")[0]
+    wait_for(lambda: error.is_displayed() and error.text, 20, "the mid-stream error")
+    assert "engine failed mid-stream" in error.text, error.text
+    assert stats_of(driver, failed)["finish"] == "error"
+    assert failed.find_element(By.CSS_SELECTOR, ".content").text == "Hello"
+
+
+async def test_playground_api_key_and_stream_errors(tmp_path, backend, bridge, browser):  # noqa: F811
+    """The API-key field and the error display, in the browser, against the scripted service behind the real
+    bridge and Envoy (with keys on). The browser is driven from a thread: the scripted service and the bridge
+    run on this test's event loop."""
+    with run_envoy(tmp_path, grpc_port=backend[1], bridge_port=bridge.bridge_port, name="envoy-playground-keys",
+                   api_keys={"sk-page": "web"}) as envoy:
+        await asyncio.to_thread(_key_and_error_scenario, browser, envoy.base_url)
+        authorized = [md for method, _, md in backend[0].calls if method == "Chat"]
+        assert authorized and all(md.get("x-client-id") == "web" for md in authorized)
