@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
 import sys
 import time
 
@@ -93,3 +94,15 @@ def test_chat_repl(stack, transport, tmp_path):
             child.close(force=True)
     assert child.exitstatus == 0, transcript.read_text()
     print(transcript.read_text())
+
+
+def test_chat_one_shot_over_rest(stack):
+    """`genrpc chat "…"` for scripts: the answer alone on stdout, the stats on stderr, exit 0."""
+    result = subprocess.run([sys.executable, "-m", "genrpc.cli", "chat",
+                             "--envoy-port", str(stack.ports["envoy_port"]), "--max-tokens", "8",
+                             "--temperature", "0", "What is the capital of France?"],
+                            capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() and "[" not in result.stdout
+    match = STATS.search(result.stderr)
+    assert match and match.group(1) in ("stop", "length") and 0 < int(match.group(3)) <= 8, result.stderr

@@ -158,7 +158,9 @@ def test_playground_chat_stop_and_errors(stack, browser, tmp_path):
     error = driver.find_element(By.ID, "error")
     wait_for(lambda: error.is_displayed() and error.text, 30, "the error message")
     assert "temperature" in error.text.lower(), error.text
-    assert len(assistant_messages(driver)) == 2  # the refused turn left nothing behind
+    # the refused turn left the conversation; its text is back in the box, to fix and resend
+    assert len(assistant_messages(driver)) == 2 and len(driver.find_elements(By.CSS_SELECTOR, ".msg.user")) == 2
+    assert driver.find_element(By.ID, "prompt").get_attribute("value") == "Hello?"
     driver.save_screenshot(str(tmp_path / "playground-error.png"))
 
     # the page loaded nothing from elsewhere and broke no Content-Security-Policy rule

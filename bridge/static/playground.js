@@ -116,14 +116,15 @@
   }
 
   // ---- streaming ------------------------------------------------------------------------------------------
-  // Yields the JSON payload of each `data:` event of an SSE body; stops at `data: [DONE]`.
+  // Yields the JSON payload of each `data:` event of an SSE body; stops at `data: [DONE]`. A body that ends
+  // without it was cut short (the server sends an error event first when it knows why).
   async function* sseEvents(body) {
     const reader = body.getReader();
     const decoder = new TextDecoder();
     let buffer = "";
     for (;;) {
       const { value, done } = await reader.read();
-      if (done) return;
+      if (done) throw new Error("The stream ended before it was complete (no data: [DONE]); the connection was lost.");
       buffer += decoder.decode(value, { stream: true }).replace(/\r\n/g, "\n");
       let end;
       while ((end = buffer.indexOf("\n\n")) >= 0) {
@@ -154,7 +155,7 @@
   async function send(text) {
     showError("");
     history.push({ role: "user", content: text });
-    addMessage("user", text);
+    const userDiv = addMessage("user", text);
     const div = addMessage("assistant", "");
     div.classList.add("streaming");
     const content = div.querySelector(".content");
@@ -205,7 +206,13 @@
       div.classList.remove("streaming");
       setBusy(false);
       if (answer) history.push({ role: "assistant", content: answer });
-      else if (s.finish === "error") { history.pop(); div.remove(); }  // nothing to keep: the user may retry
+      else if (s.finish === "error") {
+        // nothing came back: take the turn off the page and give the text back, to fix and retry
+        history.pop();
+        userDiv.remove();
+        div.remove();
+        if (!els.prompt.value) els.prompt.value = text;
+      }
       els.prompt.focus();
     }
   }
