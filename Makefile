@@ -42,7 +42,14 @@ test: $(SGLANG_STAMP)
 run: venv
 	$(VENV)/bin/genrpc up
 
-test: venv
+# The playground's browser test (tests/test_playground.py) needs Debian's chromium and its chromedriver.
+BROWSER_STAMP := /usr/bin/chromedriver
+
+$(BROWSER_STAMP):
+	apt-get update -q
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver
+
+test: venv $(BROWSER_STAMP)
 	$(PY) -m pytest
 
 protos: venv

@@ -10,7 +10,10 @@ from setuptools import find_packages, setup
 # repository folder -> the package it installs as
 NAMESPACED_FOLDERS = {"service": "genrpc.service", "bridge": "genrpc.bridge", "envoy": "genrpc.envoy"}
 # files that are not Python but ship with a package (found with importlib.resources, never through __file__)
-PACKAGE_DATA = {"genrpc.envoy": ["envoy.yaml.j2", "error_shaper.lua", "genrpc.pb"]}
+PACKAGE_DATA = {
+    "genrpc.envoy": ["envoy.yaml.j2", "error_shaper.lua", "genrpc.pb"],
+    "genrpc.bridge": ["static/*"],  # the playground page (bridge/playground.py)
+}
 
 
 def _packages() -> list[str]:

@@ -12,6 +12,7 @@ import sys
 import tempfile
 from typing import Any
 
+from genrpc import chat as chat_module
 from genrpc import settings as settings_module
 from genrpc.settings import Settings
 
@@ -78,6 +79,7 @@ def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
     def announce() -> None:
         print(f"""
 genrpc is up (model {settings.model_id}):
+  Playground    http://{settings.host}:{settings.envoy_port}/playground
   OpenAI REST   http://{settings.host}:{settings.envoy_port}/v1
   DashScope     http://{settings.host}:{settings.envoy_port}/api/v1/services/aigc/text-generation/generation
   gRPC (Envoy)  {settings.host}:{settings.envoy_port}
@@ -133,31 +135,8 @@ def cmd_envoy_config(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_chat(settings: Settings, args: argparse.Namespace) -> int:
-    """Streams one chat answer over gRPC to the terminal."""
-    import grpc
-
-    from genrpc.v1 import chat_pb2, generation_service_pb2_grpc
-
-    messages = []
-    if args.system:
-        messages.append(chat_pb2.ChatMessage(role="system", content={"string_value": args.system}))
-    messages.append(chat_pb2.ChatMessage(role="user", content={"string_value": " ".join(args.prompt)}))
-    request = chat_pb2.ChatCompletionRequest(model=settings.model_id, messages=messages,
-                                             max_completion_tokens=args.max_tokens, temperature=args.temperature)
-    with grpc.insecure_channel(settings.grpc_address()) as channel:
-        stub = generation_service_pb2_grpc.GenerationServiceStub(channel)
-        try:
-            for chunk in stub.Chat(request, timeout=args.timeout):
-                for choice in chunk.choices:
-                    print(choice.delta.content, end="", flush=True)
-                    if choice.finish_reason.string_value:
-                        usage = chunk.usage
-                        print(f"\n[{choice.finish_reason.string_value}; {usage.prompt_tokens} prompt + "
-                              f"{usage.completion_tokens} completion tokens]", file=sys.stderr)
-        except grpc.RpcError as error:
-            print(f"\nerror: {error.code().name}: {error.details()}", file=sys.stderr)
-            return 1
-    return 0
+    """One streamed answer, or an interactive chat without a prompt (genrpc/chat.py)."""
+    return chat_module.run(settings, args)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -172,13 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     up = commands.add_parser("up", help="run service + bridge + Envoy; Ctrl-C stops all")
     settings_module.add_arguments(up)
     up.add_argument("--envoy-base-id", type=int, default=0, help="Envoy --base-id (shared-memory namespace)")
-    chat = commands.add_parser("chat", help="stream one chat answer over gRPC")
-    settings_module.add_arguments(chat, ["host", "grpc_port", "grpc_target", "model_id"])
-    chat.add_argument("prompt", nargs="+", help="the user message")
-    chat.add_argument("--system", default="", help="a system message")
-    chat.add_argument("--max-tokens", type=int, default=256, help="maximum tokens to generate")
-    chat.add_argument("--temperature", type=float, default=0.7, help="sampling temperature")
-    chat.add_argument("--timeout", type=float, default=300, help="deadline in seconds")
+    chat = commands.add_parser("chat", help="chat with the model: one answer, or interactive without a prompt")
+    settings_module.add_arguments(chat, ["host", "envoy_port", "grpc_port", "grpc_target", "model_id"])
+    chat_module.add_arguments(chat)
     envoy = commands.add_parser("envoy-config", help="write Envoy's config (listener, clusters, API keys)")
     settings_module.add_arguments(envoy, ENVOY_SETTINGS)
     envoy.add_argument("--listen-host", default=None, help="address Envoy's listener binds (default: --host)")

@@ -284,7 +284,8 @@ async def test_greedy_identical_alone_and_batched(stack):
 
 
 def test_cli_chat(stack):
-    result = subprocess.run([sys.executable, "-m", "genrpc.cli", "chat", "--grpc-port", str(stack.ports["grpc_port"]),
+    result = subprocess.run([sys.executable, "-m", "genrpc.cli", "chat", "--grpc",
+                             "--grpc-port", str(stack.ports["grpc_port"]),
                              "--max-tokens", "8", "--temperature", "0", "What is the capital of France?"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
