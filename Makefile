@@ -47,6 +47,7 @@ test: venv
 
 protos: venv
 	$(PY) scripts/gen_protos.py
+	$(PY) scripts/gen_request_fields.py
 
 bench: venv
 	$(PY) benchmarks/bench_cpu_engine.py
