@@ -56,6 +56,8 @@ protos: venv
 	$(PY) scripts/gen_protos.py
 	# the descriptor's copy in k8s/ (kustomize reads only inside k8s/) and Envoy's committed rendering
 	$(PY) scripts/render_envoy.py
+	# the README's request-field tables come from the protos' comments
+	$(PY) scripts/gen_request_fields.py
 
 bench: venv
 	$(PY) benchmarks/bench_cpu_engine.py

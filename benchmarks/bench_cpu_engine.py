@@ -16,6 +16,7 @@ import time
 
 from genrpc.settings import Settings
 from genrpc.service.engines.base import GenerationRequest, SamplingParams
+from genrpc.service.engines.factory import reference_config
 from genrpc.service.engines.reference import ReferenceEngine, resolve_model_dir
 
 USER_PROMPTS = [
@@ -31,7 +32,7 @@ USER_PROMPTS = [
 def first_run_conversion() -> float:
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        resolve_model_dir(Settings(cache_dir=tmp))
+        resolve_model_dir("", tmp)
         return time.perf_counter() - t0
 
 
@@ -51,7 +52,8 @@ async def stream(engine: ReferenceEngine, prompt: list[int], tokens: int) -> tup
 async def main(args: argparse.Namespace) -> None:
     if not args.skip_convert:
         print(f"first run (GGUF -> safetensors conversion): {first_run_conversion():.1f} s")
-    engine = ReferenceEngine(Settings(max_batch_size=max(args.concurrency), reference_batch_invariant=not args.fast_single))
+    engine = ReferenceEngine(reference_config(Settings(max_batch_size=max(args.concurrency),
+                                                       reference_batch_invariant=not args.fast_single)))
     t0 = time.perf_counter()
     await engine.start()
     print(f"cached start (load + warm-up): {time.perf_counter() - t0:.1f} s")

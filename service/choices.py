@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from genrpc.service.engines.base import Engine, GenerationRequest, SamplingParams, TokenLogprob
-from genrpc.service.errors import ServiceError
+from genrpc.service.errors import EngineFailure
 from genrpc.service.stop_strings import StopStringMatcher
 from genrpc.service.tool_calls import ParsedToolCall, ToolCallParser
 
@@ -67,7 +67,7 @@ async def _run_one(engine: Engine, spec: ChoiceSpec) -> AsyncIterator[ChoiceEven
                                   delta.completion_tokens, delta.cached_prompt_tokens)
             if finish:
                 return
-    raise ServiceError("the engine ended a stream without a finish reason")
+    raise EngineFailure("the engine ended a stream without a finish reason")
 
 
 async def run_choices(engine: Engine, specs: list[ChoiceSpec]) -> AsyncIterator[ChoiceEvent]:

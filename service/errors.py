@@ -1,17 +1,22 @@
 """The service's errors and their one mapping to gRPC (AIP-193: google.rpc.Status with ErrorInfo/BadRequest).
 
-Every failure a client can see is raised as a ServiceError subclass; `to_rpc_status` is the only place that
-turns one into a gRPC status. Engine-specific exceptions are translated by `from_engine_error`.
+Every failure a client can see is raised as a ServiceError subclass, or by an engine as one of the typed
+engine errors (engines/base.py); `to_service_error` maps those with isinstance, and `to_rpc_status` is the only
+place that turns a ServiceError into a gRPC status. service.interceptor applies both to every RPC.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import grpc
 from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
+
+from genrpc.service.engines.base import (EngineBadRequest, EngineError, EngineInternalError, EngineOverloaded,
+                                         EngineUnavailable, EngineUnsupported)
 
 ERROR_DOMAIN = "genrpc.dev"
 
@@ -95,28 +100,23 @@ async def abort(context: grpc.aio.ServicerContext, error: ServiceError) -> None:
     await context.abort_with_status(rpc_status.to_status(to_rpc_status(error)))
 
 
-def from_engine_error(exc: BaseException) -> ServiceError:
-    """Translates an engine's own exception into a ServiceError (one table for every engine)."""
+def to_service_error(exc: BaseException) -> ServiceError:
+    """The ServiceError a client sees for any exception an RPC body raised (one table for every engine)."""
     if isinstance(exc, ServiceError):
         return exc
-    for exc_type_name, make_error in _ENGINE_ERRORS:
-        if any(cls.__name__ == exc_type_name for cls in type(exc).__mro__):
+    for engine_error_type, make_error in _ENGINE_ERRORS:
+        if isinstance(exc, engine_error_type):
             return make_error(exc)
-    grpc_code = getattr(exc, "grpc_code", None)  # engines may attach one (e.g. SGLang abort status codes)
-    if isinstance(grpc_code, grpc.StatusCode):
-        error = EngineFailure(str(exc))
-        error.code = grpc_code
-        return error
-    return EngineFailure(f"generation failed: {type(exc).__name__}: {exc}")
+    # Not an EngineError: a bug. Clients get the type only; the traceback goes to the log.
+    return EngineFailure(f"internal error ({type(exc).__name__}); see the service log")
 
 
-# Matched by class name (most specific first) so engine modules and their heavy imports stay optional here.
-_ENGINE_ERRORS: list[tuple[str, Callable[[BaseException], ServiceError]]] = [
-    ("QueueFullError", lambda e: Overloaded(str(e) or "The server is at capacity; retry later.")),
-    ("EngineNotReadyError", lambda e: NotReady(str(e) or "The engine is not running.")),
-    ("EngineStoppedError", lambda e: NotReady(str(e) or "The engine is shutting down.")),
-    ("InvalidGrammarError", lambda e: InvalidArgument(getattr(e, "field", "response_format"), str(e))),
-    ("UnsupportedParameterError", lambda e: UnsupportedParameter(getattr(e, "field", "request"), str(e))),
-    ("UnsupportedRequestError", lambda e: UnsupportedParameter(getattr(e, "field", "request"), str(e))),
-    ("SGLangRequestError", lambda e: InvalidArgument(getattr(e, "field", "request"), str(e))),
+# Most specific first: EngineUnsupported is an EngineBadRequest.
+_ENGINE_ERRORS: list[tuple[type[EngineError], Callable[[Any], ServiceError]]] = [
+    (EngineUnsupported, lambda e: UnsupportedParameter(e.field, e.message)),
+    (EngineBadRequest, lambda e: InvalidArgument(e.field, e.message)),
+    (EngineOverloaded, lambda e: Overloaded(e.message or "The server is at capacity; retry later.")),
+    (EngineUnavailable, lambda e: NotReady(e.message or "The engine is not serving.")),
+    (EngineInternalError, lambda e: EngineFailure(e.message)),
+    (EngineError, lambda e: EngineFailure(e.message)),
 ]

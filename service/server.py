@@ -13,24 +13,15 @@ from prometheus_client import start_http_server
 
 from genrpc.settings import Settings
 from genrpc.v1 import generation_service_pb2, generation_service_pb2_grpc
-from genrpc.service.engines.base import Engine
+from genrpc.service.engines.base import Engine, ExportsMetrics
+from genrpc.service.engines.factory import build_engine
+from genrpc.service.interceptor import ServiceInterceptor
 from genrpc.service.metrics import ServiceMetrics
 from genrpc.service.servicer import GenerationServicer
 
 log = logging.getLogger("genrpc.service")
 SERVICE_NAME = generation_service_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name
 _MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # long prompts
-
-
-def build_engine(settings: Settings) -> Engine:
-    """The engine named by settings.engine; heavy imports happen only for the chosen one."""
-    if settings.engine == "sglang":
-        from genrpc.service.engines.sglang_engine import SGLangEngine
-
-        return SGLangEngine(settings)
-    from genrpc.service.engines.reference.engine import ReferenceEngine
-
-    return ReferenceEngine(settings)
 
 
 class GenrpcServer:
@@ -40,16 +31,15 @@ class GenrpcServer:
         self.settings = settings
         self.engine = engine
         self.metrics = ServiceMetrics(engine)
-        if settings.engine == "sglang" and settings.metrics_port >= 0:
-            from genrpc.service.engines.sglang_engine import register_sglang_metrics
-
-            register_sglang_metrics(self.metrics.registry)  # SGLang's scheduler metrics beside genrpc's own
+        if isinstance(engine, ExportsMetrics) and settings.metrics_port >= 0:
+            for collector in engine.prometheus_collectors():  # the runtime's own metrics beside genrpc's
+                self.metrics.registry.register(collector)
         self.servicer = GenerationServicer(engine, self.metrics, default_max_tokens=settings.default_max_tokens)
         self.health = health.aio.HealthServicer()
-        self.grpc_server = grpc.aio.server(options=[
-            ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
-        ])
+        self.grpc_server = grpc.aio.server(
+            interceptors=[ServiceInterceptor(self.metrics, (SERVICE_NAME,))],
+            options=[("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
+                     ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES)])
         generation_service_pb2_grpc.add_GenerationServiceServicer_to_server(self.servicer, self.grpc_server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
         reflection.enable_server_reflection(
@@ -79,8 +69,8 @@ class GenrpcServer:
         log.info("model %s ready: SERVING", self.engine.model_info.model_id)
 
     async def stop(self, grace_s: float | None = None) -> None:
-        """Drains: NOT_SERVING first (load balancers stop sending), running streams get `grace_s` to end."""
-        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        """Drains: NOT_SERVING for good (load balancers stop sending), running streams get `grace_s` to end."""
+        await self.health.enter_graceful_shutdown()
         await self.grpc_server.stop(self.settings.shutdown_grace_s if grace_s is None else grace_s)
         await self.engine.shutdown()
         if self._metrics_http is not None:

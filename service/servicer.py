@@ -1,39 +1,35 @@
 """GenerationService: OpenAI-shaped protobuf in, Engine calls, OpenAI-shaped protobuf out.
 
 The servicer is typed to the Engine protocol only. It validates, renders prompts, enforces the context
-window, builds constraints, runs the choices (service.choices) and maps every failure through service.errors.
+window, builds constraints and runs the choices (service.choices). Its methods only return or yield messages
+and raise; service.interceptor maps every failure (service.errors), counts and logs each RPC.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-
-import grpc
 
 from genrpc.v1 import chat_pb2, completion_pb2, generation_service_pb2_grpc, model_pb2
 from genrpc.service import responses, validation
 from genrpc.service.choices import ChoiceEvent, ChoiceSpec, run_choices
 from genrpc.service.constraints import Constraint, forced_tool_call_grammar, response_format_constraint
 from genrpc.service.engines.base import Engine, SamplingParams, TokenLogprob
-from genrpc.service.errors import ContextLengthExceeded, InvalidArgument, ModelNotFound, NotReady, ServiceError, abort, \
-    from_engine_error
+from genrpc.service.errors import ContextLengthExceeded, InvalidArgument, ModelNotFound, NotReady
 from genrpc.service.metrics import ServiceMetrics
 from genrpc.service.prompts import fit_messages_to_budget, message_images, render_chat
 from genrpc.service.responses import NULL, string_value
 
-log = logging.getLogger("genrpc.service")
 # With `truncation: auto` and no max_tokens, keep at least this much room for the answer.
 TRUNCATION_MIN_COMPLETION_TOKENS = 256
 
 
 @dataclass
-class _ChoiceState:
+class _ChoiceProgress:
     """What a choice has produced so far (unary responses and per-choice stream bookkeeping)."""
 
     text: list[str] = field(default_factory=list)
@@ -161,32 +157,7 @@ class GenerationServicer(generation_service_pb2_grpc.GenerationServiceServicer):
                     echo_texts[index] = prompt if isinstance(prompt, str) else tokenizer.decode(prompt)
         return _Prepared(job.model, specs, prompt_tokens, job.decoding, echo_texts=echo_texts)
 
-    # ---- error mapping and metrics ---------------------------------------------------------------------
-
-    async def _run(self, method: str, context: grpc.aio.ServicerContext, body: Callable[[], AsyncIterator]):
-        """Wraps an RPC body: error mapping, metrics, logging. Yields what the body yields."""
-        started = time.perf_counter()
-        code = grpc.StatusCode.OK
-        try:
-            async for item in body():
-                yield item
-        except ServiceError as error:
-            code = error.code
-            await abort(context, error)
-        except asyncio.CancelledError:
-            code = grpc.StatusCode.CANCELLED
-            raise
-        except grpc.aio.AbortError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - every engine failure becomes a precise status
-            error = from_engine_error(exc)
-            code = error.code
-            if code == grpc.StatusCode.INTERNAL:
-                log.exception("%s failed", method)
-            await abort(context, error)
-        finally:
-            self._metrics.requests.labels(method, code.name).inc()
-            self._metrics.request_duration.labels(method).observe(time.perf_counter() - started)
+    # ---- running the choices ----------------------------------------------------------------------------
 
     async def _events(self, prepared: _Prepared) -> AsyncIterator[tuple[ChoiceEvent, bool]]:
         """The merged choice events, each with whether it is the very last finish of the request."""
@@ -212,29 +183,24 @@ class GenerationServicer(generation_service_pb2_grpc.GenerationServiceServicer):
     def _fingerprint(self) -> str:
         return self._engine.model_info.fingerprint or f"genrpc-{self._engine.model_info.model_id}"
 
-    def _usage(self, prepared: _Prepared, states: dict[int, _ChoiceState], cached_tokens: int = 0):
+    def _usage(self, prepared: _Prepared, states: dict[int, _ChoiceProgress], cached_tokens: int = 0):
         return responses.usage(prepared.prompt_tokens, sum(s.completion_tokens for s in states.values()),
                                cached_tokens)
 
     # ---- Chat ------------------------------------------------------------------------------------------
-
-    async def Chat(self, request, context):
-        async with contextlib.aclosing(self._run("Chat", context, lambda: self._chat_stream(request))) as chunks:
-            async for chunk in chunks:
-                yield chunk
 
     def _chat_logprobs(self, prepared: _Prepared, items: list[TokenLogprob]):
         if prepared.decoding.logprobs is None:
             return NULL
         return responses.chat_logprobs(self._engine.tokenizer, items)
 
-    async def _chat_stream(self, request: chat_pb2.ChatCompletionRequest):
+    async def Chat(self, request: chat_pb2.ChatCompletionRequest, context):
         if request.HasField("stream") and not request.stream:
             raise InvalidArgument("stream", "'stream' is false; call CreateChatCompletion for a whole response.")
         prepared = await self._prepare_chat(request)
         base = dict(id=f"chatcmpl-{uuid.uuid4().hex}", object="chat.completion.chunk", created=int(time.time()),
                     model=prepared.model, system_fingerprint=self._fingerprint())
-        states = {spec.index: _ChoiceState() for spec in prepared.specs}
+        states = {spec.index: _ChoiceProgress() for spec in prepared.specs}
         dropped = prepared.dropped_messages or None
 
         def chunk(index: int, delta: chat_pb2.ChatCompletionDelta, finish: str | None = None, logprobs=NULL, **extra):
@@ -267,11 +233,8 @@ class GenerationServicer(generation_service_pb2_grpc.GenerationServiceServicer):
                 if last and prepared.decoding.include_usage:
                     yield chat_pb2.ChatCompletionChunk(**base, usage=self._usage(prepared, states, event.cached_tokens))
 
-    async def CreateChatCompletion(self, request, context):
-        return await self._single("CreateChatCompletion", context, lambda: self._chat_unary(request))
-
-    async def _collect(self, prepared: _Prepared) -> tuple[dict[int, _ChoiceState], int]:
-        states = {spec.index: _ChoiceState() for spec in prepared.specs}
+    async def _collect(self, prepared: _Prepared) -> tuple[dict[int, _ChoiceProgress], int]:
+        states = {spec.index: _ChoiceProgress() for spec in prepared.specs}
         cached = 0
         async for event, _ in self._events(prepared):
             state = states[event.index]
@@ -284,7 +247,7 @@ class GenerationServicer(generation_service_pb2_grpc.GenerationServiceServicer):
                 cached = max(cached, event.cached_tokens)
         return states, cached
 
-    async def _chat_unary(self, request: chat_pb2.ChatCompletionRequest):
+    async def CreateChatCompletion(self, request: chat_pb2.ChatCompletionRequest, context):
         if request.stream:
             raise InvalidArgument("stream", "'stream' is true; call the streaming Chat RPC instead.")
         prepared = await self._prepare_chat(request)
@@ -298,31 +261,25 @@ class GenerationServicer(generation_service_pb2_grpc.GenerationServiceServicer):
                 content=NULL if state.tool_calls and not text else string_value(text))
             choices.append(chat_pb2.ChatCompletionChoice(index=index, message=message, finish_reason=state.finish_reason,
                                                          logprobs=self._chat_logprobs(prepared, state.logprobs)))
-        yield chat_pb2.ChatCompletion(
+        return chat_pb2.ChatCompletion(
             id=f"chatcmpl-{uuid.uuid4().hex}", object="chat.completion", created=created, model=prepared.model,
             system_fingerprint=self._fingerprint(), usage=self._usage(prepared, states, cached), choices=choices,
             dropped_messages=prepared.dropped_messages or None)
 
     # ---- Generate --------------------------------------------------------------------------------------
 
-    async def Generate(self, request, context):
-        async with contextlib.aclosing(self._run("Generate", context,
-                                                 lambda: self._generate_stream(request))) as chunks:
-            async for chunk in chunks:
-                yield chunk
-
     def _completion_logprobs(self, prepared: _Prepared, items: list[TokenLogprob], offset: int):
         if prepared.decoding.logprobs is None:
             return NULL
         return responses.completion_logprobs(self._engine.tokenizer, items, offset)
 
-    async def _generate_stream(self, request: completion_pb2.CompletionRequest):
+    async def Generate(self, request: completion_pb2.CompletionRequest, context):
         if request.HasField("stream") and not request.stream:
             raise InvalidArgument("stream", "'stream' is false; call CreateCompletion for a whole response.")
         prepared = await self._prepare_completion(request)
         base = dict(id=f"cmpl-{uuid.uuid4().hex}", object="text_completion", created=int(time.time()),
                     model=prepared.model, system_fingerprint=self._fingerprint())
-        states = {spec.index: _ChoiceState() for spec in prepared.specs}
+        states = {spec.index: _ChoiceProgress() for spec in prepared.specs}
         offsets = dict.fromkeys(states, 0)
         async for event, last in self._events(prepared):
             state = states[event.index]
@@ -341,10 +298,7 @@ class GenerationServicer(generation_service_pb2_grpc.GenerationServiceServicer):
             if last and prepared.decoding.include_usage:
                 yield completion_pb2.Completion(**base, usage=usage)
 
-    async def CreateCompletion(self, request, context):
-        return await self._single("CreateCompletion", context, lambda: self._completion_unary(request))
-
-    async def _completion_unary(self, request: completion_pb2.CompletionRequest):
+    async def CreateCompletion(self, request: completion_pb2.CompletionRequest, context):
         if request.stream:
             raise InvalidArgument("stream", "'stream' is true; call the streaming Generate RPC instead.")
         prepared = await self._prepare_completion(request)
@@ -356,17 +310,11 @@ class GenerationServicer(generation_service_pb2_grpc.GenerationServiceServicer):
             choices.append(completion_pb2.CompletionChoice(
                 index=index, text=echo + "".join(state.text), finish_reason=string_value(state.finish_reason),
                 logprobs=self._completion_logprobs(prepared, state.logprobs, len(echo))))
-        yield completion_pb2.Completion(
+        return completion_pb2.Completion(
             id=f"cmpl-{uuid.uuid4().hex}", object="text_completion", created=created, model=prepared.model,
             system_fingerprint=self._fingerprint(), usage=self._usage(prepared, states, cached), choices=choices)
 
     # ---- models ----------------------------------------------------------------------------------------
-
-    async def _single(self, method, context, body):
-        async with contextlib.aclosing(self._run(method, context, body)) as replies:
-            async for reply in replies:
-                return reply
-        raise AssertionError("unreachable: _run either yields or aborts")
 
     def _model(self) -> model_pb2.Model:
         info = self._engine.model_info
@@ -374,13 +322,9 @@ class GenerationServicer(generation_service_pb2_grpc.GenerationServiceServicer):
                                context_length_tokens=info.context_length_tokens)
 
     async def ListModels(self, request, context):
-        async def body():
-            self._check_ready()
-            yield model_pb2.ListModelsResponse(object="list", data=[self._model()])
-        return await self._single("ListModels", context, body)
+        self._check_ready()
+        return model_pb2.ListModelsResponse(object="list", data=[self._model()])
 
     async def GetModel(self, request, context):
-        async def body():
-            self._check_model(request.model)
-            yield self._model()
-        return await self._single("GetModel", context, body)
+        self._check_model(request.model)
+        return self._model()

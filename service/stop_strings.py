@@ -23,7 +23,7 @@ class StopStringMatcher:
             self.matched = True
             self._held = ""
             return buffer[:first]
-        keep = self._longest_partial_suffix(buffer)
+        keep = partial_suffix_length(buffer, self._stops)
         self._held = buffer[len(buffer) - keep:] if keep else ""
         return buffer[:len(buffer) - keep]
 
@@ -32,12 +32,14 @@ class StopStringMatcher:
         held, self._held = self._held, ""
         return held
 
-    def _longest_partial_suffix(self, buffer: str) -> int:
-        """Length of the longest suffix of `buffer` that is a proper prefix of some stop string."""
-        best = 0
-        for stop in self._stops:
-            for length in range(min(len(stop) - 1, len(buffer)), best, -1):
-                if buffer.endswith(stop[:length]):
-                    best = length
-                    break
-        return best
+
+def partial_suffix_length(buffer: str, patterns: tuple[str, ...]) -> int:
+    """Length of the longest suffix of `buffer` that is a proper prefix of one of `patterns`: the text to hold
+    back because the next delta may complete a pattern (stop strings here, `<tool_call>` in tool_calls)."""
+    best = 0
+    for pattern in patterns:
+        for length in range(min(len(pattern) - 1, len(buffer)), best, -1):
+            if buffer.endswith(pattern[:length]):
+                best = length
+                break
+    return best

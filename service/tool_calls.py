@@ -11,6 +11,8 @@ import json
 import uuid
 from dataclasses import dataclass, field
 
+from genrpc.service.stop_strings import partial_suffix_length
+
 OPEN_TAG = "<tool_call>"
 CLOSE_TAG = "</tool_call>"
 
@@ -62,7 +64,7 @@ class ToolCallParser:
                 buffer = buffer[start + len(OPEN_TAG):]
                 self._inside = True
                 continue
-            keep = _partial_suffix(buffer, OPEN_TAG)
+            keep = partial_suffix_length(buffer, (OPEN_TAG,))
             out.content += buffer[:len(buffer) - keep]
             self._held = buffer[len(buffer) - keep:]
             return out
@@ -93,10 +95,3 @@ class ToolCallParser:
                                 arguments=json.dumps(arguments, ensure_ascii=False, separators=(",", ":")))
         self._count += 1
         return parsed
-
-
-def _partial_suffix(buffer: str, tag: str) -> int:
-    for length in range(min(len(tag) - 1, len(buffer)), 0, -1):
-        if buffer.endswith(tag[:length]):
-            return length
-    return 0

@@ -40,7 +40,8 @@ def client(stack):
 def tokenizer(stack):
     from genrpc.service.engines.reference.model_store import resolve_model_dir
 
-    return Tokenizer.from_file(str(resolve_model_dir(Settings()) / "tokenizer.json"))
+    settings = Settings()
+    return Tokenizer.from_file(str(resolve_model_dir(settings.model, settings.cache_dir) / "tokenizer.json"))
 
 
 def ask(client, stack, **fields):

@@ -11,9 +11,11 @@ import time
 import pytest
 
 from genrpc.settings import Settings
-from genrpc.service.engines.base import Engine, FinishReason, GenerationDelta, GenerationRequest, SamplingParams
-from genrpc.service.engines.reference import (ReferenceEngine, EngineStoppedError, InvalidGrammarError, QueueFullError,
-                                 UnsupportedRequestError, resolve_model_dir)
+from genrpc.service.engines.base import (Engine, EngineBadRequest, EngineInternalError, EngineOverloaded,
+                                         EngineUnavailable, FinishReason, GenerationDelta, GenerationRequest,
+                                         SamplingParams)
+from genrpc.service.engines.factory import reference_config
+from genrpc.service.engines.reference import ReferenceEngine, resolve_model_dir
 
 MAX_BATCH = 8
 # Prompts that make the model talk for well over 32 tokens, so greedy comparisons cover all 32.
@@ -31,7 +33,7 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 async def engine():
-    eng = ReferenceEngine(Settings(max_batch_size=MAX_BATCH, max_queue=1))
+    eng = ReferenceEngine(reference_config(Settings(max_batch_size=MAX_BATCH, max_queue=1)))
     await eng.start()
     yield eng
     await eng.shutdown()
@@ -173,7 +175,7 @@ async def test_queued_request_cancelled_never_runs_and_queue_limit(engine: Refer
     await wait_for(lambda: engine.running_requests == MAX_BATCH)
     queued = asyncio.create_task(collect(engine, prompts[0]))
     await wait_for(lambda: engine.waiting_requests == 1)
-    with pytest.raises(QueueFullError):  # max_queue=1 in this fixture
+    with pytest.raises(EngineOverloaded):  # max_queue=1 in this fixture
         await collect(engine, prompts[1])
     queued.cancel()
     with contextlib.suppress(asyncio.CancelledError):
@@ -193,14 +195,15 @@ async def test_worker_error_fails_request_then_recovers(engine: ReferenceEngine,
         raise RuntimeError("injected")
 
     batch.decode_step = broken_step
-    with pytest.raises(RuntimeError, match="injected"):
+    with pytest.raises(EngineInternalError, match="generation failed: RuntimeError: injected$") as info:
         await collect(engine, prompts[0])
+    assert isinstance(info.value.__cause__, RuntimeError)
     await wait_for(lambda: engine.running_requests == 0)
     assert _tokens(await collect(engine, prompts[0])) == alone[0]
 
 
 async def test_prompt_longer_than_context_is_rejected(engine: ReferenceEngine) -> None:
-    with pytest.raises(ValueError, match="context"):
+    with pytest.raises(EngineBadRequest, match="context"):
         await collect(engine, [1] * engine.model_info.context_length_tokens)
 
 
@@ -216,22 +219,22 @@ def test_streaming_detokeniser_keeps_utf8_and_spaces(engine: ReferenceEngine) ->
 def test_model_store_reuses_conversion(engine: ReferenceEngine) -> None:
     settings = Settings()
     t0 = time.perf_counter()
-    first = resolve_model_dir(settings)
+    first = resolve_model_dir(settings.model, settings.cache_dir)
     assert time.perf_counter() - t0 < 1.0  # the conversion was done by the engine fixture: no-op now
     mtimes = {p.name: p.stat().st_mtime_ns for p in first.iterdir()}
-    assert resolve_model_dir(settings) == first
+    assert resolve_model_dir(settings.model, settings.cache_dir) == first
     assert {p.name: p.stat().st_mtime_ns for p in first.iterdir()} == mtimes
     assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
             "tokenizer_config.json"} <= set(mtimes)
     assert first.parent == settings.cache_dir and first.name.startswith("SmolLM2-135M-Instruct.Q4_1-")
     assert not list(first.parent.glob(".tmp-*"))
     # A directory is used as is.
-    assert resolve_model_dir(Settings(model=str(first))) == first
+    assert resolve_model_dir(str(first), settings.cache_dir) == first
 
 
 def test_model_store_rejects_missing_model(tmp_path: pathlib.Path) -> None:
     with pytest.raises(FileNotFoundError):
-        resolve_model_dir(Settings(model=str(tmp_path / "nope.gguf")))
+        resolve_model_dir(str(tmp_path / "nope.gguf"), tmp_path)
 
 
 # --- constrained decoding (xgrammar) -------------------------------------------------------------------------
@@ -371,16 +374,15 @@ async def test_constrained_row_leaves_batch_neighbours_unchanged(engine: Referen
 async def test_bad_grammar_is_rejected(engine: ReferenceEngine) -> None:
     prompt = _chat(engine, "Hi")
     await wait_for(lambda: engine.running_requests == 0)  # the previous test's rows leave one step late
-    with pytest.raises(InvalidGrammarError, match="JSON schema") as info:
+    with pytest.raises(EngineBadRequest, match="JSON schema") as info:
         await collect(engine, prompt, json_schema='{"type": "frobnicate"}')
-    assert isinstance(info.value, UnsupportedRequestError) and isinstance(info.value, ValueError)
     assert info.value.field == "response_format"
-    with pytest.raises(InvalidGrammarError, match="JSON schema"):
+    with pytest.raises(EngineBadRequest, match="JSON schema"):
         await collect(engine, prompt, json_schema="{not json")
-    with pytest.raises(InvalidGrammarError, match="grammar") as info:
+    with pytest.raises(EngineBadRequest, match="grammar") as info:
         await collect(engine, prompt, ebnf="root ::= undefined_rule")
     assert info.value.field == "tool_choice"
-    with pytest.raises(InvalidGrammarError):
+    with pytest.raises(EngineBadRequest):
         await collect(engine, prompt, json_schema="{}", ebnf='root ::= "a"')
     assert engine.running_requests == 0 and engine.waiting_requests == 0  # nothing was queued
 
@@ -395,7 +397,7 @@ async def test_shutdown_fails_running_requests(engine: ReferenceEngine, prompts)
     task = asyncio.create_task(collect(engine, prompts[0], max_tokens=500))
     await wait_for(lambda: engine.running_requests == 1)
     await engine.shutdown()
-    with pytest.raises(EngineStoppedError):
+    with pytest.raises(EngineUnavailable):
         await task
-    with pytest.raises(EngineStoppedError):
+    with pytest.raises(EngineUnavailable):
         await collect(engine, prompts[0])

@@ -16,6 +16,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
 from genrpc.settings import Settings
+from genrpc.service.engines.base import (EngineBadRequest, EngineInternalError, EngineOverloaded, EngineUnavailable,
+                                         EngineUnsupported)
 from genrpc.v1 import chat_pb2, completion_pb2, generation_service_pb2_grpc, model_pb2
 from genrpc.service.server import create_server
 from tests.scripted_engine import ScriptedEngine
@@ -240,6 +242,90 @@ async def test_client_cancel_closes_engine_stream():
             await asyncio.sleep(0.01)
         assert engine.running == 0 and len(engine.closed_early) == 1
     await server.stop(0)
+
+
+def requests_total(server, method: str, code: str) -> float:
+    return server.metrics.registry.get_sample_value("genrpc_requests_total", {"method": method, "code": code}) or 0.0
+
+
+async def test_cancelled_stream_counts_as_cancelled_and_finished_one_as_ok():
+    engine = ScriptedEngine(reply="x" * 200, step_delay_s=0.01)
+    server, port = create_server(Settings(grpc_port=0, metrics_port=-1), engine)
+    await server.start()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = generation_service_pb2_grpc.GenerationServiceStub(channel)
+        assert len([c async for c in stub.Chat(chat(max_tokens=3))]) == 5
+        assert requests_total(server, "Chat", "OK") == 1
+        call = stub.Chat(chat())
+        await call.read()
+        call.cancel()
+        for _ in range(300):  # bounded poll of an observable state
+            if requests_total(server, "Chat", "CANCELLED"):
+                break
+            await asyncio.sleep(0.01)
+        assert requests_total(server, "Chat", "CANCELLED") == 1
+        assert requests_total(server, "Chat", "OK") == 1
+    await server.stop(0)
+
+
+class FailingEngine(ScriptedEngine):
+    """Raises `error` from generate(), as a real engine does for a full queue, a bad grammar, a crash..."""
+
+    def __init__(self, error: BaseException):
+        super().__init__()
+        self.error = error
+
+    async def generate(self, request):
+        raise self.error
+        yield  # an async generator, like every engine's generate()
+
+
+@pytest.mark.parametrize(("error", "code", "reason", "message"), [
+    (EngineOverloaded("3 requests are already waiting"), grpc.StatusCode.RESOURCE_EXHAUSTED, "SERVER_OVERLOADED",
+     "3 requests are already waiting"),
+    (EngineUnavailable("the engine was shut down"), grpc.StatusCode.UNAVAILABLE, "MODEL_NOT_READY",
+     "the engine was shut down"),
+    (EngineBadRequest("invalid JSON schema: bad", field="response_format"), grpc.StatusCode.INVALID_ARGUMENT,
+     "INVALID_PARAMETER", "invalid JSON schema: bad"),
+    (EngineUnsupported("'top_a' is not supported by the SGLang engine.", field="top_a"),
+     grpc.StatusCode.INVALID_ARGUMENT, "UNSUPPORTED_PARAMETER", "'top_a' is not supported by the SGLang engine."),
+    (EngineInternalError("generation failed: RuntimeError: boom"), grpc.StatusCode.INTERNAL, "ENGINE_FAILURE",
+     "generation failed: RuntimeError: boom"),
+    (RuntimeError("a bug with private details"), grpc.StatusCode.INTERNAL, "ENGINE_FAILURE",
+     "internal error (RuntimeError); see the service log"),
+])
+@pytest.mark.parametrize("rpc", ["Chat", "CreateChatCompletion"])
+async def test_engine_errors_map_to_one_status_each(error, code, reason, message, rpc):
+    server, channel = await serve_engine(FailingEngine(error))
+    try:
+        stub = generation_service_pb2_grpc.GenerationServiceStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            if rpc == "Chat":
+                [c async for c in stub.Chat(chat())]
+            else:
+                await stub.CreateChatCompletion(chat())
+        assert caught.value.code() == code
+        assert caught.value.details() == message  # the engine's message, never wrapped twice
+        info = details(caught.value)
+        assert info["ErrorInfo"].reason == reason and info["ErrorInfo"].domain == "genrpc.dev"
+        if isinstance(error, EngineBadRequest):
+            violation, = info["BadRequest"].field_violations
+            assert violation.field == error.field and info["ErrorInfo"].metadata["param"] == error.field
+        else:
+            assert "BadRequest" not in info
+        assert requests_total(server, rpc, code.name) == 1
+    finally:
+        await channel.close()
+        await server.stop(0)
+
+
+async def test_stop_drains_health_for_good():
+    server, channel = await serve_engine(ScriptedEngine())
+    await channel.close()
+    await server.stop(0)
+    await server._set_health(health_pb2.HealthCheckResponse.SERVING)  # ignored once draining
+    reply = await server.health.Check(health_pb2.HealthCheckRequest(service=""), None)
+    assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 async def serve_engine(engine):

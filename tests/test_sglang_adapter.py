@@ -29,16 +29,14 @@ import grpc
 import pytest
 
 from genrpc.settings import Settings
-from genrpc.service.engines.base import Engine, FinishReason, GenerationRequest, SamplingParams
-from genrpc.service.engines.sglang_engine import SGLangEngine, register_sglang_metrics
+from genrpc.service.engines.base import (Engine, EngineBadRequest, EngineInternalError, EngineOverloaded,
+                                         EngineUnavailable, EngineUnsupported, FinishReason, GenerationRequest,
+                                         SamplingParams)
+from genrpc.service.engines.factory import sglang_config
+from genrpc.service.engines.sglang_engine import SGLangEngine, sglang_metrics_collector
 from genrpc.service.engines.sglang_mapping import (
-    EngineNotReadyError,
-    QueueFullError,
-    SGLangAbortError,
-    SGLangEngineError,
-    SGLangRequestError,
+    SGLangEngineConfig,
     StreamNormalizer,
-    UnsupportedParameterError,
     abort_error,
     config_has_vision,
     engine_kwargs,
@@ -180,9 +178,9 @@ def test_sampling_params_extension_fields():
 
 
 def test_unsupported_parameters_are_refused():
-    with pytest.raises(UnsupportedParameterError) as info:
+    with pytest.raises(EngineUnsupported) as info:
         to_sglang_sampling_params(SamplingParams(max_tokens=1, top_a=0.2))
-    assert info.value.field == "top_a" and info.value.grpc_code == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.field == "top_a"
 
 
 def test_logprobs_request_kwargs():
@@ -210,11 +208,11 @@ MUST_FAIL_CASES = {
 }
 
 
-def _yarn_settings() -> Settings:
-    return Settings(engine="sglang", model="/models/Qwen2.5-7B-Instruct", model_id="qwen2.5-7b-instruct",
-                    context_length=131072, sglang_max_running_requests=128,
-                    rope_scaling=json.dumps({"type": "yarn", "factor": 4.0,
-                                             "original_max_position_embeddings": 32768}))
+def _yarn_config() -> SGLangEngineConfig:
+    return sglang_config(Settings(engine="sglang", model="/models/Qwen2.5-7B-Instruct", model_id="qwen2.5-7b-instruct",
+                                  context_length=131072, sglang_max_running_requests=128,
+                                  rope_scaling=json.dumps({"type": "yarn", "factor": 4.0,
+                                                           "original_max_position_embeddings": 32768})))
 
 
 @pytest.fixture(scope="module")
@@ -227,7 +225,7 @@ def sglang_checked() -> dict[str, Any]:
                              for k, p in VERIFY_CASES.items()},
                           **{k: {"params": to_sglang_sampling_params(p), "vocab_size": vocab}
                              for k, (p, vocab) in MUST_FAIL_CASES.items()}},
-             "server_args": {"qwen-yarn": engine_kwargs(_yarn_settings())}}
+             "server_args": {"qwen-yarn": engine_kwargs(_yarn_config())}}
     out = subprocess.run([str(SGLANG_CHECK_PYTHON), str(ROOT / "tests" / "_sglang_check.py")],
                          input=json.dumps(cases), capture_output=True, text=True, timeout=300,
                          env={**os.environ, "PYTHONPATH": str(ROOT)})
@@ -255,7 +253,7 @@ def test_sglangs_verify_is_live(sglang_checked):
 
 
 def test_engine_kwargs_are_sglang_server_args(sglang_checked):
-    kwargs = engine_kwargs(_yarn_settings())
+    kwargs = engine_kwargs(_yarn_config())
     assert kwargs["dp_size"] == 4 and kwargs["tp_size"] == 1 and kwargs["tool_call_parser"] == "qwen"
     assert kwargs["context_length"] == 131072 and kwargs["max_running_requests"] == 128
     assert json.loads(kwargs["json_model_override_args"])["rope_scaling"]["type"] == "yarn"
@@ -275,27 +273,25 @@ def test_finish_reason_mapping():
     assert map_finish_reason({"type": "stop", "matched": QWEN_EOS}) is FinishReason.STOP
     assert map_finish_reason({"type": "stop", "matched": "</s>"}) is FinishReason.STOP
     assert map_finish_reason({"type": "length", "length": 16}) is FinishReason.LENGTH
-    with pytest.raises(SGLangEngineError):
+    with pytest.raises(EngineInternalError):
         map_finish_reason({"type": "mystery"})
 
 
-@pytest.mark.parametrize(("finish", "exc_type", "code"), [
-    ({"type": "abort", "status_code": 503, "message": "The request queue is full."}, QueueFullError,
-     grpc.StatusCode.RESOURCE_EXHAUSTED),
+@pytest.mark.parametrize(("finish", "exc_type"), [
+    ({"type": "abort", "status_code": 503, "message": "The request queue is full."}, EngineOverloaded),
+    ({"type": "abort", "status_code": 429, "message": "Too many requests"}, EngineOverloaded),
     ({"type": "abort", "message": "Retracted under decode memory pressure without a KV backup. Retry later.",
-      "status_code": 503, "err_type": None}, SGLangAbortError, grpc.StatusCode.UNAVAILABLE),
-    ({"type": "abort", "message": "bad", "status_code": 400, "err_type": None}, SGLangRequestError,
-     grpc.StatusCode.INVALID_ARGUMENT),
+      "status_code": 503, "err_type": None}, EngineUnavailable),
+    ({"type": "abort", "message": "bad", "status_code": 400, "err_type": None}, EngineBadRequest),
     ({"type": "abort", "message": "Out of memory even after retracting", "status_code": 500, "err_type": None},
-     SGLangAbortError, grpc.StatusCode.INTERNAL),
-    ({"type": "abort", "message": "Aborted", "status_code": None, "err_type": None}, SGLangAbortError,
-     grpc.StatusCode.UNAVAILABLE),
-    ({"type": "abort", "message": "Abort in waiting queue"}, SGLangAbortError, grpc.StatusCode.UNAVAILABLE),
-    ({"type": "abort"}, SGLangAbortError, grpc.StatusCode.UNAVAILABLE),
+     EngineInternalError),
+    ({"type": "abort", "message": "Aborted", "status_code": None, "err_type": None}, EngineUnavailable),
+    ({"type": "abort", "message": "Abort in waiting queue"}, EngineUnavailable),
+    ({"type": "abort"}, EngineUnavailable),
 ])
-def test_abort_status_codes(finish, exc_type, code):
+def test_abort_status_codes(finish, exc_type):
     err = abort_error(finish)
-    assert type(err) is exc_type and err.grpc_code == code
+    assert type(err) is exc_type
     with pytest.raises(exc_type):
         map_finish_reason(finish)
 
@@ -303,12 +299,13 @@ def test_abort_status_codes(finish, exc_type, code):
 def test_abort_errors_map_through_the_services_table():
     from genrpc.service import errors
 
-    assert errors.from_engine_error(abort_error(
+    assert errors.to_service_error(abort_error(
         {"type": "abort", "status_code": 503, "message": "The request queue is full."})).code == \
         grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert errors.from_engine_error(abort_error({"type": "abort", "status_code": 400, "message": "x"})).code == \
-        grpc.StatusCode.INVALID_ARGUMENT
-    assert errors.from_engine_error(EngineNotReadyError("x")).code == grpc.StatusCode.UNAVAILABLE
+    bad = errors.to_service_error(abort_error({"type": "abort", "status_code": 400, "message": "x"}))
+    assert bad.code == grpc.StatusCode.INVALID_ARGUMENT and bad.message == "x"
+    assert errors.to_service_error(abort_error({"type": "abort"})).code == grpc.StatusCode.UNAVAILABLE
+    assert errors.to_service_error(EngineUnavailable("x")).code == grpc.StatusCode.UNAVAILABLE
 
 
 def test_cumulative_stream_normalises_to_deltas():
@@ -348,7 +345,7 @@ def test_logprobs_are_normalised_per_token():
 
 def test_abort_item_without_prompt_tokens_raises():
     norm = StreamNormalizer(prompt_tokens=9)
-    with pytest.raises(QueueFullError, match="queue is full"):
+    with pytest.raises(EngineOverloaded, match="queue is full"):
         norm.feed(queue_full_abort(uuid.uuid4().hex))
     assert norm.prompt_tokens == 9  # the abort item has no prompt_tokens: read with .get()
 
@@ -426,15 +423,16 @@ class WordTokenizer:
         return self.encode(" ".join(m["content"] for m in messages))
 
 
-def _settings(**overrides: Any) -> Settings:
+def _config(**overrides: Any) -> SGLangEngineConfig:
+    """The adapter's config as the factory builds it from these Settings."""
     base = dict(engine="sglang", model="/models/Qwen2.5-7B-Instruct", model_id="qwen2.5-7b-instruct",
                 metrics_port=-1)
     base.update(overrides)
-    return Settings(**base)
+    return sglang_config(Settings(**base))
 
 
 async def _started_engine(**overrides: Any) -> tuple[SGLangEngine, FakeSGLangEngine]:
-    engine = SGLangEngine(_settings(**overrides), engine_factory=FakeSGLangEngine, tokenizer=WordTokenizer())
+    engine = SGLangEngine(_config(**overrides), engine_factory=FakeSGLangEngine, tokenizer=WordTokenizer())
     await engine.start()
     return engine, FakeSGLangEngine.instances[-1]
 
@@ -521,30 +519,29 @@ async def test_task_cancel_aborts_with_the_rid():
     assert engine.waiting_requests == 0
 
 
-@pytest.mark.parametrize(("item", "exc_type", "code"), [
-    (queue_full_abort, QueueFullError, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (bad_request_abort, SGLangRequestError, grpc.StatusCode.INVALID_ARGUMENT),
-    (plain_abort, SGLangAbortError, grpc.StatusCode.UNAVAILABLE),
+@pytest.mark.parametrize(("item", "exc_type"), [
+    (queue_full_abort, EngineOverloaded),
+    (bad_request_abort, EngineBadRequest),
+    (plain_abort, EngineUnavailable),
 ])
-async def test_abort_items_raise_errors(item, exc_type, code):
+async def test_abort_items_raise_errors(item, exc_type):
     engine, fake = await _started_engine()
     fake.script = lambda rid: [item(rid)]
-    with pytest.raises(exc_type) as info:
+    with pytest.raises(exc_type):
         async for _ in engine.generate(_request()):
             pass
-    assert info.value.grpc_code == code
     assert fake.closed[-1] == fake.calls[-1]["rid"]
 
 
-async def test_validation_error_becomes_invalid_argument():
+async def test_validation_error_becomes_bad_request():
     engine, fake = await _started_engine()
     # tokenizer_manager.py `_validate_one_request` (0.5.23) raises ValueError on the first __anext__
     fake.raise_on_first = ValueError("The input (40000 tokens) is longer than the model's context length "
                                      "(32768 tokens).")
-    with pytest.raises(SGLangRequestError, match="context length") as info:
+    with pytest.raises(EngineBadRequest, match="context length") as info:
         async for _ in engine.generate(_request()):
             pass
-    assert info.value.grpc_code == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.field == "messages"
 
 
 async def test_failed_warm_up_stops_sglang():
@@ -553,21 +550,21 @@ async def test_failed_warm_up_stops_sglang():
         fake.raise_on_first = RuntimeError("CUDA error: out of memory")
         return fake
 
-    engine = SGLangEngine(_settings(), engine_factory=factory, tokenizer=WordTokenizer())
-    with pytest.raises(RuntimeError, match="out of memory"):
+    engine = SGLangEngine(_config(), engine_factory=factory, tokenizer=WordTokenizer())
+    with pytest.raises(EngineInternalError, match="SGLang failed: RuntimeError: CUDA error: out of memory"):
         await engine.start()
     assert FakeSGLangEngine.instances[-1].shut_down
-    with pytest.raises(EngineNotReadyError):
+    with pytest.raises(EngineUnavailable):
         async for _ in engine.generate(_request()):
             pass
 
 
 async def test_generate_before_start_is_not_ready():
-    engine = SGLangEngine(_settings(), engine_factory=FakeSGLangEngine, tokenizer=WordTokenizer())
-    with pytest.raises(EngineNotReadyError):
+    engine = SGLangEngine(_config(), engine_factory=FakeSGLangEngine, tokenizer=WordTokenizer())
+    with pytest.raises(EngineUnavailable):
         async for _ in engine.generate(_request()):
             pass
-    with pytest.raises(EngineNotReadyError):
+    with pytest.raises(EngineUnavailable):
         _ = engine.model_info
 
 
@@ -604,7 +601,7 @@ def test_sglang_metrics_exported_beside_genrpcs(tmp_path):
     tokenizer_metric = Counter("sglang:e2e_requests_test", "in-process TokenizerManager metric")  # default REGISTRY
     tokenizer_metric.inc(5)
     try:
-        register_sglang_metrics(ours, path=str(tmp_path))
+        ours.register(sglang_metrics_collector(path=str(tmp_path)))
         text = generate_latest(ours).decode()
     finally:
         REGISTRY.unregister(tokenizer_metric)
@@ -638,7 +635,7 @@ gpu = pytest.mark.skipif(_gpu_skip_reason() is not None, reason=_gpu_skip_reason
 
 @pytest.fixture(scope="module")
 async def real_engine():
-    settings = _settings(model=os.environ.get("GENRPC_TEST_SGLANG_MODEL", ""), dp_size=4, tp_size=1,
+    settings = _config(model=os.environ.get("GENRPC_TEST_SGLANG_MODEL", ""), dp_size=4, tp_size=1,
                          metrics_port=0)
     engine = SGLangEngine(settings)
     await engine.start()
@@ -727,7 +724,7 @@ async def test_text_model_does_not_accept_images(tmp_path):
     assert not engine.model_info.accepts_images  # tokenizer_manager.mm_processor is None
     request = GenerationRequest(request_id=uuid.uuid4().hex, prompt_token_ids=[1, 2], images=IMAGES[:1],
                                 sampling=SamplingParams(max_tokens=8))
-    with pytest.raises(SGLangRequestError, match="does not accept images"):
+    with pytest.raises(EngineUnsupported, match="does not accept images"):
         async for _ in engine.generate(request):
             pass
     assert len(fake.calls) == 1  # only the warm-up reached SGLang
@@ -735,7 +732,7 @@ async def test_text_model_does_not_accept_images(tmp_path):
 
 async def test_accepts_images_from_config_json_without_mm_processor(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"vision_config": {"depth": 32}}))
-    engine = SGLangEngine(_settings(model=str(tmp_path)), engine_factory=FakeSGLangEngine, tokenizer=WordTokenizer())
+    engine = SGLangEngine(_config(model=str(tmp_path)), engine_factory=FakeSGLangEngine, tokenizer=WordTokenizer())
     await engine.start()
     fake = FakeSGLangEngine.instances[-1]
     del fake.tokenizer_manager.mm_processor  # another SGLang version: no such attribute

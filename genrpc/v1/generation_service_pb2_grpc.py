@@ -92,17 +92,21 @@ class GenerationServiceServicer:
         the call with INVALID_ARGUMENT (bad parameter, or prompt + max tokens over the context window) or
         NOT_FOUND (unknown model) and no messages.
 
-        Messages, in order, share one id and `created`:
-        1. the first chunk: choices[0].delta = {role: "assistant", content: ""}, finish_reason null;
-        2. zero or more content chunks: choices[0].delta.content = the next piece of text;
-        3. the final chunk of the choice: finish_reason "stop" or "length" (delta may be empty);
+        Messages, in order, share one id and `created`; with n > 1 each choice's chunks carry its index and
+        the choices' chunks interleave:
+        1. a choice's first chunk: delta = {role: "assistant", content: ""}, finish_reason null (the very
+        first chunk also carries dropped_messages when `truncation: auto` dropped any);
+        2. zero or more chunks with delta.content = the next piece of text, or delta.tool_calls = fragments
+        of a tool call (see ToolCallDelta); with logprobs, each content chunk carries its tokens' logprobs;
+        3. the choice's final chunk: finish_reason "stop" (end of sequence or stop string), "length" (max
+        tokens or context) or "tool_calls" (the model called tools); delta may be empty;
         4. if stream_options.include_usage: a usage chunk with empty choices and usage set.
-        The stream then ends with OK. Over gRPC, the final chunk (3) also carries usage, so gRPC clients
+        The stream then ends with OK. Over gRPC, the last final chunk (3) also carries usage, so gRPC clients
         need not ask for the usage chunk.
 
         Cancelling the call (client cancel, deadline, disconnect) stops the generation within one decode
-        step and frees its batch slot. Engine failures end the stream with INTERNAL or UNAVAILABLE; a
-        server shutting down ends it with UNAVAILABLE.
+        step and frees its batch slot. A full queue ends the call with RESOURCE_EXHAUSTED; engine failures
+        with INTERNAL or UNAVAILABLE; a server shutting down with UNAVAILABLE.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -112,8 +116,11 @@ class GenerationServiceServicer:
         """Generate streams a text completion (no chat template) as it is generated.
 
         Validation, errors and cancellation are as for Chat. Messages, in order, share one id and `created`:
-        1. zero or more text chunks: choices[0].text = the next piece of text, finish_reason null;
-        2. the final chunk: finish_reason "stop" or "length" (text may be empty) and, over gRPC, usage;
+        1. zero or more text chunks: choices[0].text = the next piece of text (the first one of a choice starts
+        with the prompt when `echo` is set), finish_reason null; with n > 1 or several prompts, the
+        choices' chunks interleave, each carrying its index;
+        2. a choice's final chunk: finish_reason "stop" or "length" (text may be empty); over gRPC the last
+        one also carries usage;
         3. if stream_options.include_usage: a usage chunk with empty choices.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

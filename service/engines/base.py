@@ -130,7 +130,6 @@ class ModelInfo:
     owned_by: str = "genrpc"
     # Used in `system_fingerprint` so clients can tell engine configurations apart.
     fingerprint: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
     # Whether `GenerationRequest.images` is honoured (a vision model on an engine that passes images on).
     # When False the service refuses `image_url` content parts with a 400.
     accepts_images: bool = False
@@ -194,4 +193,14 @@ class Engine(Protocol):
 
     async def shutdown(self) -> None:
         """Aborts everything still running and releases the model."""
+        ...
+
+
+@runtime_checkable
+class ExportsMetrics(Protocol):
+    """Optional beside `Engine`: an engine whose runtime keeps Prometheus metrics of its own (e.g. SGLang's
+    scheduler) exposes them here, and the server registers them next to genrpc's on one /metrics."""
+
+    def prometheus_collectors(self) -> Sequence[Any]:
+        """prometheus_client collectors (objects with `collect()`), registered once before start()."""
         ...

@@ -2,7 +2,7 @@
 
 How it uses SGLang (all read from SGLang 0.5.23's source, see service/engines/sglang_mapping.py):
 
-- ``start()`` builds ``sglang.Engine(**engine_kwargs(settings))`` on the *running* event loop in the main
+- ``start()`` builds ``sglang.Engine(**engine_kwargs(config))`` on the *running* event loop in the main
   thread (the loop the grpc.aio server runs on: SGLang's TokenizerManager creates its receive loop on the
   loop of the first ``generate_request``; a second loop hangs). Construction is synchronous and takes as
   long as the model load (minutes for 7B on 4 GPUs): the loop is blocked meanwhile, so health checks time
@@ -24,7 +24,8 @@ How it uses SGLang (all read from SGLang 0.5.23's source, see service/engines/sg
   died: kill the tree) is kept.
 - Metrics: with ``enable_metrics`` SGLang's scheduler/detokenizer processes write Prometheus multiprocess
   files under ``PROMETHEUS_MULTIPROC_DIR``; its TokenizerManager (in this process) registers on
-  prometheus_client's default REGISTRY. `register_sglang_metrics(registry)` exports both beside genrpc's own.
+  prometheus_client's default REGISTRY. `prometheus_collectors()` (the optional `ExportsMetrics` hook) exports
+  both beside genrpc's own.
 """
 
 from __future__ import annotations
@@ -39,27 +40,21 @@ import uuid
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
-from genrpc.service.engines.base import GenerationDelta, GenerationRequest, ModelInfo, SamplingParams, Tokenizer
+from genrpc.service.engines.base import (EngineBadRequest, EngineError, EngineInternalError, EngineUnavailable,
+                                         EngineUnsupported, GenerationDelta, GenerationRequest, ModelInfo,
+                                         SamplingParams, Tokenizer)
 from genrpc.service.engines.sglang_mapping import (
-    EngineNotReadyError,
-    QueueFullError,
-    SGLangAbortError,
-    SGLangEngineError,
-    SGLangRequestError,
+    REQUEST_FIELD,
+    SGLangEngineConfig,
     StreamNormalizer,
-    UnsupportedParameterError,
-    engine_kwargs,
     config_has_vision,
+    engine_kwargs,
     generate_kwargs,
     image_kwargs,
     to_sglang_sampling_params,
 )
 
-__all__ = [
-    "SGLANG_VERSION", "EngineNotReadyError", "QueueFullError", "SGLangAbortError", "SGLangEngine",
-    "SGLangEngineError", "SGLangRequestError", "UnsupportedParameterError", "register_sglang_metrics",
-    "sglang_metrics_collector",
-]
+__all__ = ["SGLANG_VERSION", "SGLangEngine", "SGLangEngineConfig", "sglang_metrics_collector"]
 
 log = logging.getLogger("genrpc.engine.sglang")
 
@@ -71,10 +66,11 @@ WARMUP_MAX_TOKENS = 4
 class SGLangEngine:
     """`Engine` over ``sglang.Engine``. Counts running/waiting requests locally (see `running_requests`)."""
 
-    def __init__(self, settings: Any, *, engine_factory: Any = None, tokenizer: Tokenizer | None = None):
+    def __init__(self, config: SGLangEngineConfig, *, engine_factory: Any = None,
+                 tokenizer: Tokenizer | None = None):
         """`engine_factory(**kwargs)` and `tokenizer` are for tests (a fake engine); by default
-        ``sglang.Engine`` and an `HFTokenizer` loaded from ``settings.model``."""
-        self._settings = settings
+        ``sglang.Engine`` and an `HFTokenizer` loaded from ``config.model``."""
+        self._config = config
         self._engine_factory = engine_factory
         self._engine: Any = None
         self._tokenizer = tokenizer
@@ -88,13 +84,13 @@ class SGLangEngine:
     @property
     def model_info(self) -> ModelInfo:
         if self._model_info is None:
-            raise EngineNotReadyError("the SGLang engine has not started")
+            raise EngineUnavailable("the SGLang engine has not started")
         return self._model_info
 
     @property
     def tokenizer(self) -> Tokenizer:
         if self._tokenizer is None:
-            raise EngineNotReadyError("the SGLang engine has not started")
+            raise EngineUnavailable("the SGLang engine has not started")
         return self._tokenizer
 
     @property
@@ -109,13 +105,16 @@ class SGLangEngine:
         for SGLang's own queue length)."""
         return sum(1 for started in self._live.values() if not started)
 
+    def prometheus_collectors(self) -> list[Any]:
+        """SGLang's own metrics (scheduler, detokenizer, TokenizerManager), when enabled."""
+        return [sglang_metrics_collector()] if self._config.enable_metrics else []
+
     # ---- lifecycle ----
 
     async def start(self) -> None:
-        settings = self._settings
-        if not settings.model:
+        if not self._config.model:
             raise ValueError("the sglang engine needs --model (an HF model directory, e.g. Qwen2.5-7B-Instruct)")
-        kwargs = engine_kwargs(settings)
+        kwargs = engine_kwargs(self._config)
         if kwargs.get("enable_metrics"):
             prepare_metrics_dir()
         factory = self._engine_factory
@@ -131,7 +130,7 @@ class SGLangEngine:
             server_args = getattr(self._engine, "server_args", None)
             self._incremental = bool(getattr(server_args, "incremental_streaming_output", False))
             if self._tokenizer is None:
-                self._tokenizer = await asyncio.to_thread(_load_tokenizer, settings.model)
+                self._tokenizer = await asyncio.to_thread(_load_tokenizer, self._config.model)
             self._model_info = self._build_model_info()
             loop = asyncio.get_running_loop()
             saved = _loop_signal_handler(loop, signal.SIGTERM)
@@ -154,15 +153,13 @@ class SGLangEngine:
                     break
 
     def _build_model_info(self) -> ModelInfo:
-        s = self._settings
+        s = self._config
         tm = getattr(self._engine, "tokenizer_manager", None)
         context = int(getattr(tm, "context_len", 0) or s.context_length or 0)
         fingerprint = f"sglang-{SGLANG_VERSION}-tp{s.tp_size}-dp{s.dp_size}"
         if s.rope_scaling:
             fingerprint += "-rope"
         return ModelInfo(model_id=s.model_id, context_length_tokens=context, fingerprint=fingerprint,
-                         extra={"engine": "sglang", "sglang_version": SGLANG_VERSION, "tp_size": s.tp_size,
-                                "dp_size": s.dp_size, "tool_call_parser": s.tool_call_parser},
                          accepts_images=self._accepts_images(tm))
 
     def _accepts_images(self, tm: Any) -> bool:
@@ -172,7 +169,7 @@ class SGLangEngine:
         SGLang version), a ``vision_config`` in the model's config.json decides."""
         if tm is not None and hasattr(tm, "mm_processor"):
             return tm.mm_processor is not None
-        return config_has_vision(self._settings.model)
+        return config_has_vision(self._config.model)
 
     async def shutdown(self) -> None:
         """Aborts everything still running, then stops SGLang's processes (blocking work runs in a thread)."""
@@ -194,10 +191,10 @@ class SGLangEngine:
     async def _generate(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta]:
         engine = self._engine
         if engine is None or self._stopping:
-            raise EngineNotReadyError("the SGLang engine is not serving")
+            raise EngineUnavailable("the SGLang engine is not serving")
         images = request.images
         if images and not self.model_info.accepts_images:
-            raise SGLangRequestError(f"{self.model_info.model_id} does not accept images")
+            raise EngineUnsupported(f"{self.model_info.model_id} does not accept images", field=REQUEST_FIELD)
         rid = uuid.uuid4().hex  # fresh: SGLang aborts by rid *prefix*
         sampling_params = to_sglang_sampling_params(request.sampling)
         normalizer = StreamNormalizer(incremental=self._incremental,
@@ -210,7 +207,9 @@ class SGLangEngine:
                                                      **generate_kwargs(request.sampling),
                                                      **image_kwargs(images))
             except ValueError as exc:  # SGLang's request validation
-                raise SGLangRequestError(str(exc)) from exc
+                raise EngineBadRequest(str(exc), field=REQUEST_FIELD) from exc
+            except Exception as exc:  # noqa: BLE001 - the runtime's own failure, as a typed engine error
+                raise EngineInternalError(f"SGLang failed: {type(exc).__name__}: {exc}") from exc
             async with contextlib.aclosing(stream) as items:
                 try:
                     while True:
@@ -219,16 +218,20 @@ class SGLangEngine:
                         except StopAsyncIteration:
                             break
                         except ValueError as exc:  # validation runs on the first __anext__
-                            raise SGLangRequestError(str(exc)) from exc
+                            raise EngineBadRequest(str(exc), field=REQUEST_FIELD) from exc
+                        except EngineError:
+                            raise
+                        except Exception as exc:  # noqa: BLE001 - as above
+                            raise EngineInternalError(f"SGLang failed: {type(exc).__name__}: {exc}") from exc
                         self._live[rid] = True
-                        delta = normalizer.feed(item)  # raises SGLangAbortError & co. on an abort
+                        delta = normalizer.feed(item)  # raises a typed engine error on an abort
                         if delta is None:
                             continue
                         yield delta
                         if delta.finish_reason is not None:
                             return
                     if not normalizer.finished:
-                        raise SGLangAbortError("SGLang ended the stream without a finish reason")
+                        raise EngineUnavailable("SGLang ended the stream without a finish reason")
                 finally:
                     if not normalizer.finished:
                         # Cancelled, closed early, or failed: free the batch slot now.
@@ -307,11 +310,3 @@ class _SGLangCollector:
 def sglang_metrics_collector(path: str | None = None, prefixes: Iterable[str] = ("sglang:", "sglang_")) -> Any:
     """A prometheus_client collector of SGLang's metrics (register it on any CollectorRegistry)."""
     return _SGLangCollector(path, prefixes)
-
-
-def register_sglang_metrics(registry: Any, path: str | None = None) -> Any:
-    """Adds SGLang's Prometheus metrics to `registry` (genrpc's own): call once, after `SGLangEngine.start()`
-    or before it (the collector reads ``PROMETHEUS_MULTIPROC_DIR`` at scrape time). Returns the collector."""
-    collector = sglang_metrics_collector(path)
-    registry.register(collector)
-    return collector

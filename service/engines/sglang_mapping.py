@@ -25,85 +25,37 @@ from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
 
-import grpc
-
-from genrpc.service.engines.base import FinishReason, GenerationDelta, SamplingParams, TokenLogprob
+from genrpc.service.engines.base import (EngineBadRequest, EngineError, EngineInternalError, EngineOverloaded,
+                                         EngineUnavailable, EngineUnsupported, FinishReason, GenerationDelta,
+                                         SamplingParams, TokenLogprob)
 
 # --------------------------------------------------------------------------------------------------------------
-# Errors. The service maps engine errors by class name and by the `grpc_code` attribute
-# (service/errors.py: from_engine_error); these carry both a gRPC code and SGLang's HTTP status.
+# Errors: SGLang's abort status codes (HTTP) -> genrpc's typed engine errors (engines/base.py), here and only here.
 # --------------------------------------------------------------------------------------------------------------
 
-
-class SGLangEngineError(RuntimeError):
-    """Base of every error the SGLang adapter raises; `grpc_code` is what the client should see."""
-
-    grpc_code: grpc.StatusCode = grpc.StatusCode.INTERNAL
-
-    def __init__(self, message: str, *, http_status: int | None = None,
-                 grpc_code: grpc.StatusCode | None = None):
-        super().__init__(message)
-        self.message = message
-        self.http_status = http_status
-        if grpc_code is not None:
-            self.grpc_code = grpc_code
-
-
-class SGLangRequestError(SGLangEngineError):
-    """SGLang rejected the request itself (ValueError from validation, abort with status 400)."""
-
-    grpc_code = grpc.StatusCode.INVALID_ARGUMENT
-
-
-class SGLangAbortError(SGLangEngineError):
-    """SGLang aborted the request (finish_reason type "abort"); grpc_code follows its status_code."""
-
-
-class QueueFullError(SGLangAbortError):
-    """SGLang's waiting queue is full (max_queued_requests): RESOURCE_EXHAUSTED, like the CPU engine's."""
-
-    grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED
-
-
-class EngineNotReadyError(SGLangEngineError):
-    """generate() before start() finished, or after shutdown()."""
-
-    grpc_code = grpc.StatusCode.UNAVAILABLE
-
-
-# SGLang's abort status codes (HTTP) -> gRPC codes. One table; anything else >= 500 is INTERNAL.
-HTTP_TO_GRPC: dict[int, grpc.StatusCode] = {
-    HTTPStatus.BAD_REQUEST: grpc.StatusCode.INVALID_ARGUMENT,
-    HTTPStatus.UNAUTHORIZED: grpc.StatusCode.UNAUTHENTICATED,
-    HTTPStatus.FORBIDDEN: grpc.StatusCode.PERMISSION_DENIED,
-    HTTPStatus.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
-    HTTPStatus.REQUEST_TIMEOUT: grpc.StatusCode.DEADLINE_EXCEEDED,
-    HTTPStatus.TOO_MANY_REQUESTS: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    HTTPStatus.INTERNAL_SERVER_ERROR: grpc.StatusCode.INTERNAL,
-    HTTPStatus.SERVICE_UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
-    HTTPStatus.GATEWAY_TIMEOUT: grpc.StatusCode.DEADLINE_EXCEEDED,
-}
 # scheduler.py `_abort_on_queued_limit` (SGLang 0.5.23) reports a full queue as 503 with this message.
 QUEUE_FULL_MESSAGE = "The request queue is full."
+# The OpenAI field blamed when SGLang refuses a request without saying which part (e.g. a too-long input).
+REQUEST_FIELD = "messages"
 
 
-def abort_error(finish_reason: Mapping[str, Any]) -> SGLangEngineError:
-    """The exception for an ``{"type": "abort", ...}`` finish reason (read with .get(): keys may be missing)."""
+def abort_error(finish_reason: Mapping[str, Any]) -> EngineError:
+    """The engine error for an ``{"type": "abort", ...}`` finish reason (read with .get(): keys may be missing)."""
     message = str(finish_reason.get("message") or "Aborted")
     status = finish_reason.get("status_code")
-    status = int(status) if status is not None else None
     if status is None:
         # A plain FINISH_ABORT(): abort_request/abort_all (e.g. the engine is shutting down), or aborted while
         # waiting. The client did not cause it and may retry elsewhere.
-        return SGLangAbortError(message, grpc_code=grpc.StatusCode.UNAVAILABLE)
-    if status == HTTPStatus.SERVICE_UNAVAILABLE and message == QUEUE_FULL_MESSAGE:
-        return QueueFullError(message, http_status=status)
-    if status == HTTPStatus.BAD_REQUEST:
-        return SGLangRequestError(message, http_status=status)
-    code = HTTP_TO_GRPC.get(status)
-    if code is None:
-        code = grpc.StatusCode.INTERNAL if status >= 500 else grpc.StatusCode.INVALID_ARGUMENT
-    return SGLangAbortError(message, http_status=status, grpc_code=code)
+        return EngineUnavailable(message)
+    status = int(status)
+    if status == HTTPStatus.TOO_MANY_REQUESTS or (
+            status == HTTPStatus.SERVICE_UNAVAILABLE and message == QUEUE_FULL_MESSAGE):
+        return EngineOverloaded(message)
+    if status in (HTTPStatus.SERVICE_UNAVAILABLE, HTTPStatus.REQUEST_TIMEOUT, HTTPStatus.GATEWAY_TIMEOUT):
+        return EngineUnavailable(message)
+    if 400 <= status < 500:
+        return EngineBadRequest(message, field=REQUEST_FIELD)
+    return EngineInternalError(message)
 
 
 def map_finish_reason(finish_reason: Mapping[str, Any] | None) -> FinishReason | None:
@@ -117,7 +69,7 @@ def map_finish_reason(finish_reason: Mapping[str, Any] | None) -> FinishReason |
         return FinishReason.LENGTH
     if kind == "abort":
         raise abort_error(finish_reason)
-    raise SGLangEngineError(f"unknown SGLang finish_reason {dict(finish_reason)!r}")
+    raise EngineInternalError(f"unknown SGLang finish_reason {dict(finish_reason)!r}")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -152,7 +104,6 @@ class OptionalParam:
     convert: Callable[[Any], Any]
 
 
-# Read with getattr(params, name, None), so a field the domain SamplingParams lacks is simply skipped.
 # SGLang 0.5.23 names and defaults: sampling/sampling_params.py `SamplingParams`.
 OPTIONAL_PARAMS: tuple[OptionalParam, ...] = (
     OptionalParam("top_k", "top_k", _positive_int),
@@ -165,19 +116,10 @@ OPTIONAL_PARAMS: tuple[OptionalParam, ...] = (
     OptionalParam("logit_bias", "logit_bias", _logit_bias),  # keys: token-id strings
     OptionalParam("json_schema", "json_schema", _grammar),  # a JSON string
     OptionalParam("ebnf", "ebnf", _grammar),
-    OptionalParam("regex", "regex", _grammar),
 )
 
 # genrpc parameters SGLang 0.5.23 has no equivalent for: refused when set to anything but their "off" value.
 UNSUPPORTED_PARAMS: dict[str, Any] = {"top_a": 0.0}
-
-
-class UnsupportedParameterError(SGLangRequestError):
-    """A sampling parameter the SGLang engine cannot honour (the service may map it to UNSUPPORTED_PARAMETER)."""
-
-    def __init__(self, field: str, message: str):
-        super().__init__(message)
-        self.field = field
 
 
 def to_sglang_sampling_params(params: SamplingParams) -> dict[str, Any]:
@@ -185,12 +127,11 @@ def to_sglang_sampling_params(params: SamplingParams) -> dict[str, Any]:
 
     ``max_new_tokens`` is always set (SGLang's default is 128); ``seed`` -> ``sampling_seed``. Stop *strings*
     are not passed: the service applies them itself (same behaviour on every engine); the engine only sees
-    stop token ids. Parameters at their "off" value are left out. Raises UnsupportedParameterError.
+    stop token ids. Parameters at their "off" value are left out. Raises EngineUnsupported.
     """
     for name, off in UNSUPPORTED_PARAMS.items():
-        value = getattr(params, name, None)
-        if value is not None and value != off:
-            raise UnsupportedParameterError(name, f"{name} is not supported by the SGLang engine")
+        if getattr(params, name) != off:
+            raise EngineUnsupported(f"'{name}' is not supported by the SGLang engine.", field=name)
     out: dict[str, Any] = {
         "max_new_tokens": int(params.max_tokens),
         "temperature": float(params.temperature),
@@ -201,7 +142,7 @@ def to_sglang_sampling_params(params: SamplingParams) -> dict[str, Any]:
     if params.stop_token_ids:
         out["stop_token_ids"] = sorted({int(t) for t in params.stop_token_ids})
     for opt in OPTIONAL_PARAMS:
-        value = getattr(params, opt.genrpc_name, None)
+        value = getattr(params, opt.genrpc_name)
         if value is None:
             continue
         converted = opt.convert(value)
@@ -216,7 +157,7 @@ def generate_kwargs(params: SamplingParams) -> dict[str, Any]:
     SGLang 0.5.23 (managers/io_struct.py GenerateReqInput): ``return_logprob`` and ``top_logprobs_num``;
     ``logprob_start_len`` defaults to -1 (no prompt logprobs).
     """
-    k = getattr(params, "logprobs", None)
+    k = params.logprobs
     if k is None:
         return {}
     return {"return_logprob": True, "top_logprobs_num": int(k)}
@@ -277,7 +218,7 @@ class StreamNormalizer:
     """Turns SGLang's stream items (cumulative by default) into GenerationDelta objects.
 
     ``feed(item)`` returns a delta, or None when the item added nothing (SGLang may repeat an item when
-    several outputs were drained at once); it raises an SGLangEngineError for an abort.
+    several outputs were drained at once); it raises a typed engine error for an abort.
     """
 
     def __init__(self, *, incremental: bool = False, prompt_tokens: int = 0):
@@ -342,40 +283,57 @@ class StreamNormalizer:
 # Engine (server) arguments
 # --------------------------------------------------------------------------------------------------------------
 
-def engine_kwargs(settings: Any) -> dict[str, Any]:
-    """``sglang.Engine(**kwargs)`` from genrpc Settings (names are SGLang 0.5.23 ServerArgs fields,
+@dataclass(frozen=True)
+class SGLangEngineConfig:
+    """What the SGLang adapter needs (built from Settings by engines.factory)."""
+
+    model: str  # HF model directory
+    model_id: str  # served model name
+    tp_size: int = 1
+    dp_size: int = 1
+    mem_fraction_static: float = 0.85
+    context_length: int = 0  # 0 = the model's own
+    chat_template: str = ""
+    rope_scaling: str = ""  # a JSON object, e.g. YaRN
+    tool_call_parser: str = ""
+    log_level: str = "info"
+    enable_metrics: bool = True  # SGLang's Prometheus metrics (see SGLangEngine.prometheus_collectors)
+    max_running_requests: int = 0  # 0 = SGLang sizes it from KV-cache memory
+    max_queued_requests: int = 0  # 0 = unbounded
+    extra_args: str = ""  # extra ServerArgs as a JSON object
+
+
+def engine_kwargs(config: SGLangEngineConfig) -> dict[str, Any]:
+    """``sglang.Engine(**kwargs)`` (names are SGLang 0.5.23 ServerArgs fields,
     ``python/sglang/srt/arg_groups/fields/*.py``)."""
     kwargs: dict[str, Any] = {
-        "model_path": settings.model,
-        "served_model_name": settings.model_id,
-        "tp_size": int(settings.tp_size),
-        "dp_size": int(settings.dp_size),
-        "mem_fraction_static": float(settings.mem_fraction_static),
-        "tool_call_parser": settings.tool_call_parser or None,
-        "log_level": settings.log_level,
+        "model_path": config.model,
+        "served_model_name": config.model_id,
+        "tp_size": config.tp_size,
+        "dp_size": config.dp_size,
+        "mem_fraction_static": config.mem_fraction_static,
+        "tool_call_parser": config.tool_call_parser or None,
+        "log_level": config.log_level,
         # Token ids in, text + ids out: the service tokenizes (chat template, counting) itself.
         "skip_tokenizer_init": False,
-        "enable_metrics": int(getattr(settings, "metrics_port", 0)) != -1,
+        "enable_metrics": config.enable_metrics,
     }
-    if settings.context_length:
-        kwargs["context_length"] = int(settings.context_length)
-    if settings.chat_template:
-        kwargs["chat_template"] = settings.chat_template
-    if settings.rope_scaling:
-        rope = json.loads(settings.rope_scaling)
+    if config.context_length:
+        kwargs["context_length"] = config.context_length
+    if config.chat_template:
+        kwargs["chat_template"] = config.chat_template
+    if config.rope_scaling:
+        rope = json.loads(config.rope_scaling)
         if not isinstance(rope, dict):
             raise ValueError("rope_scaling must be a JSON object, e.g. "
                              '{"type":"yarn","factor":4.0,"original_max_position_embeddings":32768}')
         kwargs["json_model_override_args"] = json.dumps({"rope_scaling": rope})
-    max_running = int(getattr(settings, "sglang_max_running_requests", 0) or 0)
-    if max_running > 0:
-        kwargs["max_running_requests"] = max_running
-    max_queue = int(getattr(settings, "max_queue", 0) or 0)
-    if max_queue > 0:
-        kwargs["max_queued_requests"] = max_queue
-    extra = getattr(settings, "sglang_extra_args", "") or ""
-    if extra:
-        parsed = json.loads(extra)
+    if config.max_running_requests > 0:
+        kwargs["max_running_requests"] = config.max_running_requests
+    if config.max_queued_requests > 0:
+        kwargs["max_queued_requests"] = config.max_queued_requests
+    if config.extra_args:
+        parsed = json.loads(config.extra_args)
         if not isinstance(parsed, dict):
             raise ValueError("sglang_extra_args must be a JSON object of SGLang ServerArgs")
         kwargs.update(parsed)

@@ -1,8 +1,7 @@
-"""The default engine: torch + transformers on CPU with continuous batching over one shared KV cache."""
+"""The reference engine: torch + transformers on CPU with continuous batching over one shared KV cache."""
 
-from genrpc.service.engines.reference.engine import (ReferenceEngine, EngineStoppedError, InvalidGrammarError, QueueFullError,
-                                       UnsupportedRequestError)
+from genrpc.service.engines.reference.config import ReferenceEngineConfig
+from genrpc.service.engines.reference.engine import ReferenceEngine
 from genrpc.service.engines.reference.model_store import resolve_model_dir
 
-__all__ = ["ReferenceEngine", "EngineStoppedError", "InvalidGrammarError", "QueueFullError", "UnsupportedRequestError",
-           "resolve_model_dir"]
+__all__ = ["ReferenceEngine", "ReferenceEngineConfig", "resolve_model_dir"]

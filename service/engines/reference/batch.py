@@ -127,11 +127,6 @@ class SharedBatch:
             job.length += 1
         return out.logits[:, -1]
 
-    @property
-    def width(self) -> int:
-        """Cache columns (real + padding) of the batch."""
-        return self._mask.shape[1]
-
 
 def finish_reason(job: Job, token: int) -> FinishReason | None:
     if token in job.stop_ids and not (job.request.sampling.ignore_eos and token in job.eos_ids):

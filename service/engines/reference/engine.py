@@ -19,9 +19,10 @@ from typing import Any
 
 import torch
 
-from genrpc.settings import Settings
-from genrpc.service.engines.base import FinishReason, GenerationDelta, GenerationRequest, ModelInfo, SamplingParams
+from genrpc.service.engines.base import (EngineBadRequest, EngineInternalError, EngineOverloaded, EngineUnavailable,
+                                         FinishReason, GenerationDelta, GenerationRequest, ModelInfo, SamplingParams)
 from genrpc.service.engines.reference import invariance
+from genrpc.service.engines.reference.config import ReferenceEngineConfig
 from genrpc.service.engines.reference.batch import Job, SharedBatch, finish_reason
 from genrpc.service.engines.reference.grammar import GrammarCompilerCache, RowGrammar, is_constrained
 from genrpc.service.engines.reference.model_store import resolve_model_dir
@@ -31,36 +32,11 @@ from genrpc.service.engines.hf_tokenizer import HFTokenizer
 log = logging.getLogger(__name__)
 
 
-class QueueFullError(RuntimeError):
-    """More than `max_queue` requests are already waiting for a batch slot (map to RESOURCE_EXHAUSTED)."""
-
-
-class UnsupportedRequestError(ValueError):
-    """A request this engine cannot serve as asked (INVALID_ARGUMENT). `field` names the parameter."""
-
-    def __init__(self, message: str, field: str = "request") -> None:
-        super().__init__(message)
-        self.field = field
-
-
-class InvalidGrammarError(UnsupportedRequestError):
-    """A json_schema / ebnf constraint that xgrammar cannot compile (INVALID_ARGUMENT).
-
-    `field` is "response_format" (json_schema) or "tool_choice" (ebnf, the service's forced tool calls).
-    """
-
-
-class EngineStoppedError(RuntimeError):
-    """The engine is not started, or was shut down while the request was queued or running (UNAVAILABLE)."""
-
-
 class ReferenceEngine:
     """The default engine. See the module docstring and `batch.py` for the batching scheme."""
 
-    def __init__(self, settings: Settings) -> None:
-        self._settings = settings
-        # False gives up bit-identical batched/alone results for ~1.6x faster lone streams.
-        self._batch_invariant = settings.reference_batch_invariant
+    def __init__(self, config: ReferenceEngineConfig) -> None:
+        self._config = config
         self._model: Any = None
         self._tokenizer: HFTokenizer | None = None
         self._model_info: ModelInfo | None = None
@@ -81,13 +57,13 @@ class ReferenceEngine:
     @property
     def model_info(self) -> ModelInfo:
         if self._model_info is None:
-            raise EngineStoppedError("engine not started")
+            raise EngineUnavailable("the engine has not started")
         return self._model_info
 
     @property
     def tokenizer(self) -> HFTokenizer:
         if self._tokenizer is None:
-            raise EngineStoppedError("engine not started")
+            raise EngineUnavailable("the engine has not started")
         return self._tokenizer
 
     @property
@@ -111,7 +87,7 @@ class ReferenceEngine:
         grammar = None
         if is_constrained(request.sampling):
             if self._grammars is None:
-                raise EngineStoppedError("engine not started")
+                raise EngineUnavailable("the engine has not started")
             # Off the worker thread (and the event loop): one compile never stalls the running batch.
             grammar = await asyncio.to_thread(self._grammars.compile, request.sampling)
         job = self._submit(request, asyncio.get_running_loop(), grammar)
@@ -141,27 +117,24 @@ class ReferenceEngine:
         from transformers import AutoModelForCausalLM
 
         t0 = time.perf_counter()
-        torch.set_num_threads(self._settings.torch_threads or os.cpu_count() or 1)  # process-wide
-        model_dir = resolve_model_dir(self._settings)
+        torch.set_num_threads(self._config.torch_threads or os.cpu_count() or 1)  # process-wide
+        model_dir = resolve_model_dir(self._config.model, self._config.cache_dir)
         self._tokenizer = HFTokenizer.from_pretrained(model_dir)
         # fp32: this class of CPU has no native bf16 (bf16 is slower here).
         invariance.register_attention()
         self._model = AutoModelForCausalLM.from_pretrained(
             str(model_dir), dtype=torch.float32, attn_implementation=invariance.ATTN_IMPLEMENTATION).eval()
-        if self._batch_invariant:
+        if self._config.batch_invariant:
             invariance.block_linear_rows(self._model)
         self._batch = SharedBatch(self._model)
         config = self._model.config
         # Cheap: xgrammar and its TokenizerInfo are only loaded by the first constrained request.
         self._grammars = GrammarCompilerCache(self._tokenizer.hf, int(config.vocab_size),
-                                              self._tokenizer.eos_token_ids, InvalidGrammarError)
+                                              self._tokenizer.eos_token_ids)
         self._model_info = ModelInfo(
-            model_id=self._settings.model_id,
-            context_length_tokens=self._settings.context_length or int(config.max_position_embeddings),
+            model_id=self._config.model_id,
+            context_length_tokens=self._config.context_length or int(config.max_position_embeddings),
             fingerprint="cpu-" + hashlib.sha256(str(model_dir.resolve()).encode()).hexdigest()[:10],
-            extra={"engine": "reference", "model_dir": str(model_dir), "dtype": "float32",
-                   "batch_invariant": self._batch_invariant,
-                   "torch_threads": torch.get_num_threads(), "max_batch_size": self._settings.max_batch_size},
         )
         log.info("loaded %s in %.1f s (%s threads)", model_dir, time.perf_counter() - t0, torch.get_num_threads())
 
@@ -180,16 +153,17 @@ class ReferenceEngine:
     # --- the asyncio side ------------------------------------------------------------------------------------
 
     def _validate(self, request: GenerationRequest) -> None:
-        """Raises ValueError (or EngineStoppedError) for a request that cannot run."""
+        """Raises EngineBadRequest (or EngineUnavailable) for a request that cannot run."""
         context = self.model_info.context_length_tokens
         prompt_tokens = len(request.prompt_token_ids)
         if prompt_tokens == 0:
-            raise ValueError("the prompt is empty")
+            raise EngineBadRequest("the prompt is empty", field="prompt")
         if prompt_tokens >= context:
-            raise ValueError(f"the prompt has {prompt_tokens} tokens; the context window is {context}")
+            raise EngineBadRequest(f"the prompt has {prompt_tokens} tokens; the context window is {context}",
+                                   field="prompt")
 
     def _submit(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop, grammar: Any = None) -> Job:
-        """Queues a validated request (`grammar`: its CompiledGrammar); raises QueueFullError or EngineStoppedError."""
+        """Queues a validated request (`grammar`: its CompiledGrammar); raises EngineOverloaded or EngineUnavailable."""
         context = self.model_info.context_length_tokens
         eos = self.tokenizer.eos_token_ids
         job = Job(request=request, loop=loop, deltas=asyncio.Queue(), eos_ids=eos,
@@ -198,10 +172,10 @@ class ReferenceEngine:
                   grammar=grammar)
         with self._cond:
             if self._stopping or self._thread is None:
-                raise EngineStoppedError("the engine is not running")
-            free_slots = max(0, self._settings.max_batch_size - self._running)
-            if len(self._waiting) >= self._settings.max_queue + free_slots:
-                raise QueueFullError(f"{len(self._waiting)} requests are already waiting for a batch slot")
+                raise EngineUnavailable("the engine is not running")
+            free_slots = max(0, self._config.max_batch_size - self._running)
+            if len(self._waiting) >= self._config.max_queue + free_slots:
+                raise EngineOverloaded(f"{len(self._waiting)} requests are already waiting for a batch slot")
             self._waiting.append(job)
             self._cond.notify()
         return job
@@ -237,7 +211,7 @@ class ReferenceEngine:
                 except Exception as exc:  # noqa: BLE001 - never let the thread die with consumers waiting
                     log.exception("CPU engine worker error")
                     self._fail_batch(batch, exc)
-        self._fail_everything(batch, EngineStoppedError("the engine was shut down"))
+        self._fail_everything(batch, EngineUnavailable("the engine was shut down"))
 
     def _take_jobs(self, batch: SharedBatch) -> list[Job] | None:
         """Pops jobs for the free slots (FIFO); waits while idle; None when shutting down."""
@@ -246,7 +220,7 @@ class ReferenceEngine:
                 self._cond.wait()
             if self._stopping:
                 return None
-            free = self._settings.max_batch_size - len(batch.rows)
+            free = self._config.max_batch_size - len(batch.rows)
             jobs = [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
             self._running += len(jobs)
             self.admitted_requests += len(jobs)
@@ -299,9 +273,10 @@ class ReferenceEngine:
                                  logprobs=(logprob,) if logprob else ()))
 
     def _fail(self, job: Job, exc: BaseException) -> None:
+        """Ends a job with an engine error (a runtime failure becomes EngineInternalError, wrapped once)."""
         job.done = True
-        if not isinstance(exc, EngineStoppedError):
-            cause, exc = exc, RuntimeError(f"generation failed: {exc!r}")
+        if not isinstance(exc, EngineUnavailable):
+            cause, exc = exc, EngineInternalError(f"generation failed: {type(exc).__name__}: {exc}")
             exc.__cause__ = cause
         job.send(exc)
 
@@ -324,7 +299,7 @@ class ReferenceEngine:
         with self._cond:
             self._running -= slots
 
-    def _fail_everything(self, batch: SharedBatch, exc: EngineStoppedError) -> None:
+    def _fail_everything(self, batch: SharedBatch, exc: EngineUnavailable) -> None:
         with self._cond:
             jobs = list(self._waiting) + batch.rows
             self._waiting.clear()

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from genrpc.service.engines.base import SamplingParams
+from genrpc.service.engines.base import EngineBadRequest, EngineInternalError, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -33,12 +33,10 @@ def is_constrained(params: SamplingParams) -> bool:
 class GrammarCompilerCache:
     """Lazily-built TokenizerInfo + one cached GrammarCompiler. Thread-safe; `compile` blocks (call off-loop)."""
 
-    def __init__(self, hf_tokenizer: Any, vocab_size: int, stop_token_ids: frozenset[int],
-                 error_class: type[ValueError]) -> None:
+    def __init__(self, hf_tokenizer: Any, vocab_size: int, stop_token_ids: frozenset[int]) -> None:
         self._hf_tokenizer = hf_tokenizer
         self._vocab_size = vocab_size
         self._stop_token_ids = sorted(stop_token_ids)
-        self._error_class = error_class
         self._lock = threading.Lock()
         self._compiler: Any = None
         self.tokenizer_info_seconds: float | None = None  # observability: cost of the one-time set-up
@@ -60,10 +58,16 @@ class GrammarCompilerCache:
             return self._compiler
 
     def compile(self, params: SamplingParams) -> Any:
-        """The CompiledGrammar for a constrained request; raises the error class for a bad constraint."""
+        """The CompiledGrammar for a constrained request; raises EngineBadRequest for a bad constraint.
+
+        The field blamed is "response_format" (json_schema) or "tool_choice" (ebnf: the service's forced
+        tool calls)."""
         if params.json_schema is not None and params.ebnf is not None:
-            raise self._error_class("set either json_schema or ebnf, not both", field="response_format")  # type: ignore[call-arg]
-        compiler = self.compiler()  # set-up failures are engine errors, not the client's
+            raise EngineBadRequest("set either json_schema or ebnf, not both", field="response_format")
+        try:
+            compiler = self.compiler()
+        except Exception as exc:  # noqa: BLE001 - set-up failures are the engine's, not the client's
+            raise EngineInternalError(f"xgrammar set-up failed: {type(exc).__name__}: {exc}") from exc
         field = "response_format" if params.json_schema is not None else "tool_choice"
         try:
             if params.json_schema is not None:
@@ -73,7 +77,7 @@ class GrammarCompilerCache:
         except Exception as exc:  # noqa: BLE001 - xgrammar reports every parse/convert failure as RuntimeError
             message = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
             kind = "JSON schema" if params.json_schema is not None else "grammar"
-            raise self._error_class(f"invalid {kind}: {message}", field=field) from exc  # type: ignore[call-arg]
+            raise EngineBadRequest(f"invalid {kind}: {message}", field=field) from exc
 
 
 class RowGrammar:

@@ -2,7 +2,7 @@
 
 Loading a GGUF through transformers takes ~23 s (gguf-py re-parses the vocabulary metadata), while loading the
 same weights back from safetensors takes ~2 s, so a GGUF is converted on first use and cached under
-`settings.cache_dir/<stem>-<hash of path, size, mtime>/`.
+`<cache_dir>/<stem>-<hash of path, size, mtime>/`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import uuid
 
 from tqdm import tqdm
 
-from genrpc.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -28,16 +27,16 @@ BUNDLED_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _TMP_PREFIX = ".tmp-"
 
 
-def resolve_model_dir(settings: Settings) -> pathlib.Path:
-    """Returns a local HF model directory for `settings.model`, converting (once) if it names a GGUF file."""
-    source = pathlib.Path(settings.model).expanduser() if settings.model else bundled_gguf_path()
+def resolve_model_dir(model: str | os.PathLike[str], cache_dir: str | os.PathLike[str]) -> pathlib.Path:
+    """A local HF model directory for `model` (empty: the bundled GGUF), converting (once) if it names a GGUF."""
+    source = pathlib.Path(model).expanduser() if model else bundled_gguf_path()
     if source.is_dir():
         return source
     if not source.is_file():
         raise FileNotFoundError(f"model not found: {source}")
     if source.suffix.lower() != ".gguf":
         raise ValueError(f"model must be an HF model directory or a .gguf file, got {source}")
-    target = pathlib.Path(settings.cache_dir).expanduser() / cache_name(source)
+    target = pathlib.Path(cache_dir).expanduser() / cache_name(source)
     if not target.is_dir():
         convert_gguf(source, target)
     return target

@@ -1,0 +1,47 @@
+"""The one place that turns the application's Settings into an engine and its own config object.
+
+Engines never see Settings: each takes a small config dataclass of its own. Heavy imports (torch, sglang)
+happen only for the engine chosen.
+"""
+
+from __future__ import annotations
+
+from genrpc.settings import Settings
+from genrpc.service.engines.base import Engine
+from genrpc.service.engines.reference.config import ReferenceEngineConfig
+from genrpc.service.engines.sglang_mapping import SGLangEngineConfig
+
+
+def reference_config(settings: Settings) -> ReferenceEngineConfig:
+    return ReferenceEngineConfig(
+        model_id=settings.model_id, cache_dir=settings.cache_dir, model=settings.model,
+        context_length=settings.context_length, max_batch_size=settings.max_batch_size,
+        max_queue=settings.max_queue, torch_threads=settings.torch_threads,
+        batch_invariant=settings.reference_batch_invariant)
+
+
+def sglang_config(settings: Settings) -> SGLangEngineConfig:
+    return SGLangEngineConfig(
+        model=settings.model, model_id=settings.model_id, tp_size=settings.tp_size, dp_size=settings.dp_size,
+        mem_fraction_static=settings.mem_fraction_static, context_length=settings.context_length,
+        chat_template=settings.chat_template, rope_scaling=settings.rope_scaling,
+        tool_call_parser=settings.tool_call_parser, log_level=settings.log_level,
+        enable_metrics=settings.metrics_port != -1,
+        max_running_requests=settings.sglang_max_running_requests, max_queued_requests=settings.max_queue,
+        extra_args=settings.sglang_extra_args)
+
+
+def build_engine(settings: Settings) -> Engine:
+    """The engine named by settings.engine."""
+    if settings.engine == "reference":
+        from genrpc.service.engines.reference.engine import ReferenceEngine
+
+        return ReferenceEngine(reference_config(settings))
+    if settings.engine == "sglang":
+        from genrpc.service.engines.sglang_engine import SGLangEngine
+
+        return SGLangEngine(sglang_config(settings))
+    if settings.engine == "llamacpp":
+        # The llama.cpp engine (service/engines/llamacpp/) plugs in here with its own config object.
+        raise NotImplementedError("the llamacpp engine is not available in this build; use --engine reference")
+    raise ValueError(f"unknown engine {settings.engine!r}")
