@@ -1,0 +1,144 @@
+"""Hostile input through the real stack: every body any client can send gets a well-formed answer.
+
+For each body: never a 5xx, never a hang, an error body that is valid UTF-8 JSON in OpenAI's shape, and the two
+REST paths (Envoy's transcoder for `"stream": false`, the bridge for `"stream": true`) give the same verdict.
+A hypothesis property explores type confusion across every declared request field."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import grpc
+import httpx
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from genrpc.v1 import chat_pb2, generation_service_pb2_grpc
+
+TIMEOUT = httpx.Timeout(15.0)
+MESSAGES = [{"role": "user", "content": "Hi"}]
+
+
+@pytest.fixture(scope="module")
+def http(stack):
+    with httpx.Client(base_url=f"http://127.0.0.1:{stack.ports['envoy_port']}", timeout=TIMEOUT) as client:
+        yield client
+
+
+def check_well_formed(response: httpx.Response, what: str) -> None:
+    assert response.status_code < 500, f"{what}: {response.status_code} {response.content[:300]!r}"
+    if response.status_code >= 400:
+        text = response.content.decode("utf-8")  # raises on invalid UTF-8
+        body = json.loads(text)
+        error = body["error"]
+        assert isinstance(error["message"], str) and error["message"], (what, body)
+        assert error["type"] in ("invalid_request_error", "rate_limit_error", "permission_error"), (what, body)
+
+
+def post(http: httpx.Client, path: str, body: bytes | str | dict, content_type: str = "application/json"):
+    data = json.dumps(body) if isinstance(body, dict) else body
+    return http.post(path, content=data, headers={"content-type": content_type})
+
+
+def verdicts(http: httpx.Client, body: dict, path: str = "/v1/chat/completions") -> tuple[int, int]:
+    """(status without stream, status with stream) for one body; both checked for well-formedness."""
+    unary = post(http, path, {**body, "stream": False})
+    check_well_formed(unary, f"unary {body}")
+    streamed = post(http, path, {**body, "stream": True})
+    check_well_formed(streamed, f"stream {body}")
+    return unary.status_code, streamed.status_code
+
+
+BAD_VALUES = [None, {}, [], [1], {"a": 1}, "x", "", -1, 0, 10**30, -(10**30), 1.5, True, "1", "yes"]
+FIELDS = ["model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "n", "stop", "seed",
+          "frequency_penalty", "presence_penalty", "logit_bias", "logprobs", "top_logprobs", "tools", "tool_choice",
+          "parallel_tool_calls", "user", "metadata", "top_k", "min_p", "repetition_penalty", "ignore_eos",
+          "min_tokens", "top_a", "response_format", "stream_options", "truncation"]
+
+
+@pytest.mark.parametrize("field", FIELDS)
+def test_type_confusion_every_field(http, stack, field):
+    for value in BAD_VALUES:
+        body = {"model": stack.model, "messages": MESSAGES, "max_tokens": 1, field: value}
+        unary, streamed = verdicts(http, body)
+        assert unary == streamed, f"{field}={value!r}: transcoder {unary} vs bridge {streamed}"
+
+
+@pytest.mark.parametrize("raw", [
+    b"", b"{", b'{"model": "x", "messages": [', b"null", b"[]", b'"text"', b"123",
+    b'{"model": "m", "messages": [{"role": "user", "content": "\xff\xfe bad utf-8"}]}',
+    b'{"model": "\xc3\x28"}',
+    b'{"max_tokens": NaN}', b'{"temperature": Infinity}', b'{"temperature": -Infinity}',
+    b'{"model": "a", "model": "b", "messages": []}',
+    b"[" * 5000 + b"]" * 5000,
+    b'{"messages": ' + b'[{"role":"user","content":' * 200 + b'"x"' + b"}]" * 200 + b"}",
+])
+def test_malformed_bodies(http, raw):
+    for stream in (False, True):
+        body = raw if not stream or not raw.startswith(b"{") else raw.replace(b"{", b'{"stream": true, ', 1)
+        response = post(http, "/v1/chat/completions", body)
+        check_well_formed(response, repr(body[:80]))
+        assert response.status_code >= 400
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", "", "application/xml"])
+def test_wrong_content_types(http, stack, content_type):
+    body = json.dumps({"model": stack.model, "messages": MESSAGES, "max_tokens": 1})
+    response = post(http, "/v1/chat/completions", body, content_type)
+    check_well_formed(response, content_type)
+
+
+def test_logit_bias_with_object_values_is_a_400(http, stack):
+    for path, extra in (("/v1/completions", {"prompt": "Hi"}), ("/v1/chat/completions", {"messages": MESSAGES})):
+        unary, streamed = verdicts(http, {"model": stack.model, "max_tokens": 1, "logit_bias": {"x": {}}, **extra},
+                                   path)
+        assert unary == streamed == 400
+
+
+def test_stream_must_be_a_boolean(http, stack):
+    for value in ("yes", "true", 1, "1"):
+        response = post(http, "/v1/chat/completions", {"model": stack.model, "messages": MESSAGES, "stream": value})
+        check_well_formed(response, f"stream={value!r}")
+        assert response.status_code == 400, (value, response.text)
+
+
+def test_oversize_body_is_413_naming_the_limit(http, stack):
+    huge = "word " * (40 * 1024 * 1024 // 5)
+    response = post(http, "/v1/chat/completions", {"model": stack.model, "messages": [
+        {"role": "user", "content": huge}], "max_tokens": 1})
+    check_well_formed(response, "40 MB body")
+    assert response.status_code == 413
+
+
+def test_grpc_bad_input_gets_precise_status(stack):
+    with grpc.insecure_channel(stack.grpc_address) as channel:
+        stub = generation_service_pb2_grpc.GenerationServiceStub(channel)
+        bad = chat_pb2.ChatCompletionRequest(model=stack.model, messages=[], max_tokens=-5)
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.CreateChatCompletion(bad, timeout=30)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+# Token counts are left to test_type_confusion_every_field: a random valid count could generate for minutes.
+PROPERTY_FIELDS = [f for f in FIELDS if f not in ("max_tokens", "max_completion_tokens", "min_tokens", "n")] + [
+    "prompt", "echo", "suffix", "best_of"]
+json_leaf = st.one_of(st.none(), st.booleans(), st.integers(min_value=-(2**70), max_value=2**70),
+                      st.floats(allow_nan=False), st.text(max_size=20))
+json_value = st.recursive(json_leaf, lambda inner: st.one_of(
+    st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=10), inner, max_size=4)), max_leaves=12)
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck))
+@given(fields=st.dictionaries(st.sampled_from(PROPERTY_FIELDS), json_value,
+                              max_size=5),
+       path=st.sampled_from(["/v1/chat/completions", "/v1/completions"]))
+def test_property_no_5xx_and_paths_agree(http, stack, fields, path):
+    base = {"model": stack.model, "max_tokens": 1}
+    base.update({"messages": MESSAGES} if path.endswith("chat/completions") else {"prompt": "Hi"})
+    body = {**base, **fields}
+    if any(isinstance(v, float) and not math.isfinite(v) for v in body.values()):
+        return
+    unary, streamed = verdicts(http, body, path)
+    assert unary == streamed, f"{body}: transcoder {unary} vs bridge {streamed}"
