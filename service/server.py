@@ -22,6 +22,7 @@ from genrpc.service.servicer import GenerationServicer
 log = logging.getLogger("genrpc.service")
 SERVICE_NAME = generation_service_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name
 _MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # long prompts
+_MIN_PING_INTERVAL_MS = 20_000  # below Envoy's 30 s keepalive interval
 
 
 class GenrpcServer:
@@ -39,7 +40,12 @@ class GenrpcServer:
         self.grpc_server = grpc.aio.server(
             interceptors=[ServiceInterceptor(self.metrics, (SERVICE_NAME,))],
             options=[("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
-                     ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES)])
+                     ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
+                     # Envoy pings every 30 s (connection_keepalive). gRPC's default allows one ping per 5 min
+                     # while the server sends nothing, so a unary call generating for over ~90 s, or an idle
+                     # connection, got GOAWAY "too_many_pings" (a 503 to REST clients).
+                     ("grpc.http2.min_ping_interval_without_data_ms", _MIN_PING_INTERVAL_MS),
+                     ("grpc.keepalive_permit_without_calls", 1)])
         generation_service_pb2_grpc.add_GenerationServiceServicer_to_server(self.servicer, self.grpc_server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
         reflection.enable_server_reflection(
