@@ -152,7 +152,8 @@ async def test_deadline_forwarded(http, backend):
 # ---- errors -----------------------------------------------------------------------------------------------
 
 async def test_bad_json_is_400(http):
-    for raw in (b'{"model": ', b"[1, 2]", b"", b'{"model": 5, "stream": true}', b"\xff\xfe"):
+    for raw in (b'{"model": ', b"[1, 2]", b"", b'{"model": 5, "stream": true}', b"\xff\xfe",
+                b'{"model": "a", "model": "b", "messages": [], "stream": true}', b"[" * 100_000):
         resp = await http.post("/v1/chat/completions", content=raw, headers={"content-type": "application/json"})
         assert resp.status_code == 400, raw
         assert set(resp.json()["error"]) == {"message", "type", "param", "code"}

@@ -141,13 +141,13 @@ def check_stream(chat: bool, chunks: list[Any], include_usage: bool) -> int:
     return fast
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(st.lists(chat_chunks(), min_size=1, max_size=6), st.booleans())
 def test_chat_template_matches_generic_mapping(chunks, include_usage):
     check_stream(True, chunks, include_usage)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(st.lists(completion_chunks(), min_size=1, max_size=6), st.booleans())
 def test_completion_template_matches_generic_mapping(chunks, include_usage):
     check_stream(False, chunks, include_usage)
