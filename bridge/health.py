@@ -4,7 +4,7 @@ A background `grpc.health.v1.Health/Watch` on the service (overall health, servi
 answering a probe costs nothing and generation requests never wait on it:
 
 - SERVING -> `ready`;
-- NOT_SERVING before SERVING was seen on this watch -> `loading` (the model is loading or warming up); after
+- NOT_SERVING before SERVING was seen on this connection -> `loading` (the model is loading or warming up); after
   it -> `draining` (the service is shutting down);
 - the service unreachable, or without the health service -> `unavailable`.
 """
@@ -25,6 +25,8 @@ _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 # Between two watches after a failure (the channel's own reconnect backoff covers a service that is down).
 _RETRY_MIN_S, _RETRY_MAX_S = 0.2, 2.0
+# A watch is renewed this often (see _watch_forever).
+WATCH_RENEW_S = 30.0
 
 
 class ServiceReadiness:
@@ -57,11 +59,16 @@ class ServiceReadiness:
 
     async def _watch_forever(self) -> None:
         retry_s = _RETRY_MIN_S
+        seen_serving = False
         while True:
-            seen_serving = False  # per watch: a new connection may be a new service process that is loading
+            replies = 0
             try:
-                # wait_for_ready: while the service is down the call waits for it instead of failing at once
-                async for reply in self._stub.Watch(health_pb2.HealthCheckRequest(service=""), wait_for_ready=True):
+                # wait_for_ready: while the service is down the call waits for it instead of failing at once.
+                # The deadline renews the watch: without keepalive pings, a watch that gets no reply before its
+                # deadline (the first reply comes at once) is how a silently vanished service shows.
+                async for reply in self._stub.Watch(health_pb2.HealthCheckRequest(service=""), wait_for_ready=True,
+                                                    timeout=WATCH_RENEW_S):
+                    replies += 1
                     retry_s = _RETRY_MIN_S
                     if reply.status == _SERVING:
                         seen_serving = True
@@ -75,10 +82,13 @@ class ServiceReadiness:
                                                f"({health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)})")
                 self._set(UNAVAILABLE, "the generation service ended the health watch")
             except grpc.aio.AioRpcError as e:
+                if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED and replies:
+                    continue  # a renewal: same connection, same service process; no state change
                 if e.code() == grpc.StatusCode.UNIMPLEMENTED:
                     self._set(UNAVAILABLE, f"the service at {self.target} has no grpc.health.v1 service")
                 else:
                     self._set(UNAVAILABLE, f"the generation service at {self.target} is unreachable: "
                                            f"{e.code().name} {e.details() or ''}".rstrip())
+            seen_serving = False  # the next watch may reach a new service process, which starts by loading
             await asyncio.sleep(retry_s)
             retry_s = min(retry_s * 2, _RETRY_MAX_S)

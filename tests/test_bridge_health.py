@@ -28,9 +28,19 @@ async def ready_state(http: httpx.AsyncClient, status: str, timeout_s: float = 1
         await asyncio.sleep(0.05)
 
 
+class CountingHealth(health.aio.HealthServicer):
+    """The real health servicer, counting the Watch calls it serves."""
+
+    watches = 0
+
+    async def Watch(self, request, context):  # noqa: N802 - the gRPC method name
+        self.watches += 1
+        await super().Watch(request, context)
+
+
 async def start_health_server(port: int = 0) -> tuple[grpc.aio.Server, Any, int]:
     server = grpc.aio.server()
-    servicer = health.aio.HealthServicer()
+    servicer = CountingHealth()
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
     port = server.add_insecure_port(f"{HOST}:{port}")
     await servicer.set("", NOT_SERVING)
@@ -99,3 +109,28 @@ async def test_readiness_of_a_service_without_health(backend):
     finally:
         bridge.should_exit = True
         await task
+
+
+async def test_watch_renewals_keep_the_state(monkeypatch):
+    """The watch is renewed on a deadline (its connection has no keepalive pings): renewals never flap the state
+    (`ready` throughout), and a drain after renewals still shows."""
+    from genrpc.bridge import health as bridge_health
+
+    monkeypatch.setattr(bridge_health, "WATCH_RENEW_S", 0.2)
+    server, servicer, port = await start_health_server()
+    await servicer.set("", SERVING)
+    settings, bridge, task = await start_bridge(port)
+    try:
+        async with httpx.AsyncClient(base_url=f"http://{HOST}:{settings.bridge_port}", timeout=10) as http:
+            await ready_state(http, "ready")
+            deadline = time.monotonic() + 10
+            while servicer.watches < 4:
+                assert time.monotonic() < deadline, servicer.watches
+                assert (await http.get("/health/ready")).json() == {"status": "ready"}
+                await asyncio.sleep(0.05)
+            await servicer.enter_graceful_shutdown()
+            await ready_state(http, "draining")
+    finally:
+        bridge.should_exit = True
+        await task
+        await server.stop(0)
