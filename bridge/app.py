@@ -45,15 +45,10 @@ class Upstream:
             ("grpc.keepalive_permit_without_calls", 0),
         ])
         self.stub = generation_service_pb2_grpc.GenerationServiceStub(self.channel)
-        # The health watch gets its own connection without keepalive pings: a long, quiet Watch on a pinging
-        # connection collects the server's ping strikes (gRPC servers allow one ping per 5 minutes while the
-        # server writes nothing) and ends in a GOAWAY `too_many_pings` that would cut running generations too.
-        self.health_channel = grpc.aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)])
-        self.readiness = ServiceReadiness(self.health_channel, target)
+        self.readiness = ServiceReadiness(self.channel, target)
 
     async def close(self) -> None:
         await self.readiness.stop()
-        await self.health_channel.close()
         await self.channel.close()
 
 

@@ -64,8 +64,9 @@ class ServiceReadiness:
             replies = 0
             try:
                 # wait_for_ready: while the service is down the call waits for it instead of failing at once.
-                # The deadline renews the watch: without keepalive pings, a watch that gets no reply before its
-                # deadline (the first reply comes at once) is how a silently vanished service shows.
+                # The deadline renews the watch: a quiet watch sees nothing of a service that vanished without
+                # closing the connection (gRPC clients stop pinging after two pings without data); a renewal
+                # that gets no reply before its deadline (the first reply comes at once) shows it.
                 async for reply in self._stub.Watch(health_pb2.HealthCheckRequest(service=""), wait_for_ready=True,
                                                     timeout=WATCH_RENEW_S):
                     replies += 1
