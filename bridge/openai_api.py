@@ -52,17 +52,23 @@ def frame(d: dict[str, Any]) -> bytes:
 
 
 # ---- the per-chunk fast path ----------------------------------------------------------------------------
-# Each returns the JSON text of one choice, or None when the choice has a shape the fast path leaves to the
-# generic mapping. Field order is field-number order, as the mapping prints it.
+# `_chat_choice` and `_completion_choice` return the JSON text of one choice, or None when the choice has a shape
+# the fast path leaves to the generic mapping. Fields print in field-number order, as the mapping prints them.
 
-def _scalar_value(value: Any) -> str | None:
-    """A google.protobuf.Value that is null or a string, as JSON (None for other kinds)."""
-    kind = value.WhichOneof("kind")
-    if kind is None or kind == "null_value":
-        return "null"
-    if kind == "string_value":
-        return quote(value.string_value)
-    return None
+def _close(choice: Message, parts: list[str], value_fields: tuple[str, str]) -> str | None:
+    """The choice's JSON from `parts` plus its google.protobuf.Value fields (in field order), or None when one of
+    them is neither null nor a string."""
+    for name in value_fields:
+        if choice.HasField(name):
+            value = getattr(choice, name)
+            kind = value.WhichOneof("kind")
+            if kind is None or kind == "null_value":
+                parts.append(f'"{name}":null')
+            elif kind == "string_value":
+                parts.append(f'"{name}":{quote(value.string_value)}')
+            else:
+                return None
+    return "{" + ",".join(parts) + "}"
 
 
 def _chat_choice(choice: chat_pb2.ChatCompletionChunkChoice) -> str | None:
@@ -82,17 +88,7 @@ def _chat_choice(choice: chat_pb2.ChatCompletionChunkChoice) -> str | None:
             parts.append(f'"delta":{{"content":{quote(delta.content)}}}')
         else:
             parts.append('"delta":{}')
-    if choice.HasField("finish_reason"):
-        value = _scalar_value(choice.finish_reason)
-        if value is None:
-            return None
-        parts.append('"finish_reason":' + value)
-    if choice.HasField("logprobs"):
-        value = _scalar_value(choice.logprobs)
-        if value is None:
-            return None
-        parts.append('"logprobs":' + value)
-    return "{" + ",".join(parts) + "}"
+    return _close(choice, parts, ("finish_reason", "logprobs"))
 
 
 def _completion_choice(choice: completion_pb2.CompletionChoice) -> str | None:
@@ -101,17 +97,7 @@ def _completion_choice(choice: completion_pb2.CompletionChoice) -> str | None:
         parts.append('"text":' + quote(choice.text))
     if choice.HasField("index"):
         parts.append(f'"index":{choice.index}')
-    if choice.HasField("logprobs"):
-        value = _scalar_value(choice.logprobs)
-        if value is None:
-            return None
-        parts.append('"logprobs":' + value)
-    if choice.HasField("finish_reason"):
-        value = _scalar_value(choice.finish_reason)
-        if value is None:
-            return None
-        parts.append('"finish_reason":' + value)
-    return "{" + ",".join(parts) + "}"
+    return _close(choice, parts, ("logprobs", "finish_reason"))
 
 
 def _template(head: tuple[str, str, int, str, str | None]) -> tuple[str, str]:
