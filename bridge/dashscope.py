@@ -32,12 +32,7 @@ does anyway and are accepted.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import json
-import logging
 import uuid
-from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,13 +41,11 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
 
+from genrpc.bridge.encoding import dumps, loads_object, message_to_dict
 from genrpc.bridge.errors import DashScopeError, dashscope_error, from_rpc_error, to_dashscope
+from genrpc.bridge.stream import DISCONNECTED, SSEResponse, call_options, first_message
 from genrpc.v1 import chat_pb2, completion_pb2
-
-log = logging.getLogger("genrpc.bridge.dashscope")
 
 PREFIX = "/api/v1/services/aigc/"
 TEXT_GENERATION_PATH = PREFIX + "text-generation/generation"
@@ -118,7 +111,7 @@ def _check_type(name: str, value: Any, kind: str | None) -> None:
         _BOOL: isinstance(value, bool),
     }[kind]
     if not ok:
-        raise BadRequest(f"'parameters.{name}' must be a {kind}, got {json.dumps(value)}.")
+        raise BadRequest(f"'parameters.{name}' must be a {kind}, got {dumps(value).decode()}.")
 
 
 def _stop(value: Any) -> Any:
@@ -186,7 +179,7 @@ def plan_request(body: Any, *, sse_header: bool) -> Plan:
 
     result_format = params.get("result_format", "text")
     if result_format not in RESULT_FORMATS:
-        raise BadRequest(f"'parameters.result_format' must be 'text' or 'message', got {json.dumps(result_format)}.")
+        raise BadRequest(f"'parameters.result_format' must be 'text' or 'message', got {dumps(result_format).decode()}.")
     incremental = params.get("incremental_output", False)
     _check_type("incremental_output", incremental, _BOOL)
     stream_param = params.get("stream", None)
@@ -295,7 +288,7 @@ def _output(plan: Plan, choices: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def render_unary(plan: Plan, resp: Message, request_id: str) -> dict[str, Any]:
-    d = json_format.MessageToDict(resp, preserving_proto_field_name=True)
+    d = message_to_dict(resp)
     choices = []
     for c in d.get("choices", []):
         if plan.chat:
@@ -315,12 +308,8 @@ def render_unary(plan: Plan, resp: Message, request_id: str) -> dict[str, Any]:
     return out
 
 
-def _dumps(d: dict[str, Any]) -> bytes:
-    return json.dumps(d, separators=(",", ":"), ensure_ascii=False).encode()
-
-
 def sse_event(event_id: int, data: dict[str, Any]) -> bytes:
-    return f"id:{event_id}\nevent:result\n:HTTP_STATUS/200\ndata:".encode() + _dumps(data) + b"\n\n"
+    return f"id:{event_id}\nevent:result\n:HTTP_STATUS/200\ndata:".encode() + dumps(data) + b"\n\n"
 
 
 @dataclass
@@ -350,7 +339,9 @@ def _merge_tool_calls(acc: list[dict[str, Any]], deltas: list[dict[str, Any]]) -
 
 
 class StreamRenderer:
-    """gRPC stream messages -> DashScope SSE events (cumulative or incremental output)."""
+    """gRPC stream messages -> DashScope SSE events (cumulative or incremental output); a `stream.Renderer`."""
+
+    headers = SSE_HEADERS
 
     def __init__(self, plan: Plan, request_id: str):
         self.plan = plan
@@ -373,7 +364,7 @@ class StreamRenderer:
         return out
 
     def feed(self, msg: Message) -> bytes:
-        d = json_format.MessageToDict(msg, preserving_proto_field_name=True)
+        d = message_to_dict(msg)
         if d.get("usage"):
             self.usage = _usage(d["usage"])
         out = b""
@@ -417,58 +408,8 @@ class StreamRenderer:
         self.held = []
         return out
 
-
-class _DashScopeSSE:
-    """ASGI response streaming the rest of a gRPC call as DashScope SSE, cancelling the call on disconnect."""
-
-    def __init__(self, call: Any, iterator: AsyncIterator[Message], first: Message | None,
-                 renderer: StreamRenderer):
-        self.call, self.iterator, self.first, self.renderer = call, iterator, first, renderer
-        self.disconnected = False
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        async def watch_disconnect() -> None:
-            while True:
-                if (await receive())["type"] == "http.disconnect":
-                    self.disconnected = True
-                    self.call.cancel()
-                    return
-
-        watcher = asyncio.create_task(watch_disconnect())
-        r = self.renderer
-        try:
-            await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
-            error: DashScopeError | None = None
-            if self.first is not None:
-                data = r.feed(self.first)
-                if data:
-                    await send({"type": "http.response.body", "body": data, "more_body": True})
-                try:
-                    async for msg in self.iterator:
-                        data = r.feed(msg)
-                        if data:
-                            await send({"type": "http.response.body", "body": data, "more_body": True})
-                except grpc.aio.AioRpcError as e:
-                    error = to_dashscope(from_rpc_error(e), r.request_id)
-                except asyncio.CancelledError:
-                    if not self.disconnected:
-                        raise
-                    return
-            if self.disconnected:
-                return
-            if error is not None:
-                log.info("dashscope stream failed after start: %s", error.body)
-                tail = error.sse_event(r.next_id)
-            else:
-                tail = r.finish()
-            await send({"type": "http.response.body", "body": tail, "more_body": False})
-        except OSError:
-            self.disconnected = True
-        finally:
-            watcher.cancel()
-            self.call.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await watcher
+    def error(self, error: grpc.aio.AioRpcError) -> bytes:
+        return to_dashscope(from_rpc_error(error), self.request_id).sse_event(self.next_id)
 
 
 def _error_response(err: DashScopeError) -> Response:
@@ -480,46 +421,41 @@ def _wants_sse(request: Request) -> bool:
             or "text/event-stream" in request.headers.get("accept", "").lower())
 
 
-def routes(stub: Callable[[], Any]) -> list[Route]:
-    """The DashScope routes, calling the service through `stub()` (the bridge's shared GenerationServiceStub)."""
-    from genrpc.bridge.app import DISCONNECTED, _metadata_and_timeout, await_first_message  # bridge.app imports this module
-
-    async def text_generation(request: Request) -> Response | _DashScopeSSE:
-        request_id = request.headers.get("x-request-id") or str(uuid.uuid4())
-        body = await request.body()
+async def text_generation(request: Request) -> Response | SSEResponse:
+    """POST /api/v1/services/aigc/text-generation/generation."""
+    request_id = request.headers.get("x-request-id") or str(uuid.uuid4())
+    try:
         try:
-            try:
-                parsed = json.loads(body.decode("utf-8")) if body.strip() else None
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise BadRequest(f"The request body is not valid JSON: {e}") from e
-            plan = plan_request(parsed, sse_header=_wants_sse(request))
-        except BadRequest as e:
-            return _error_response(dashscope_error(e.status, e.code, e.message, request_id))
-        md, timeout = _metadata_and_timeout(request)
-        if not any(k == "x-request-id" for k, _ in md):
-            md.append(("x-request-id", request_id))
-        s = stub()
-        if not plan.stream:
-            method = s.CreateChatCompletion if plan.chat else s.CreateCompletion
-            try:
-                resp = await method(plan.request, metadata=md, timeout=timeout)
-            except grpc.aio.AioRpcError as e:
-                return _error_response(to_dashscope(from_rpc_error(e), request_id))
-            return Response(_dumps(render_unary(plan, resp, request_id)), media_type="application/json")
-        call = (s.Chat if plan.chat else s.Generate)(plan.request, metadata=md, timeout=timeout)
+            body = loads_object(await request.body())
+        except ValueError as e:
+            raise BadRequest(f"The request body is not valid JSON: {e}.") from e
+        plan = plan_request(body, sse_header=_wants_sse(request))
+    except BadRequest as e:
+        return _error_response(dashscope_error(e.status, e.code, e.message, request_id))
+    metadata, timeout = call_options(request.headers)
+    if not any(k == "x-request-id" for k, _ in metadata):
+        metadata.append(("x-request-id", request_id))
+    stub = request.app.state.upstream.stub
+    if not plan.stream:
+        method = stub.CreateChatCompletion if plan.chat else stub.CreateCompletion
         try:
-            iterator, first = await await_first_message(call, request.receive)
+            resp = await method(plan.request, metadata=metadata, timeout=timeout)
         except grpc.aio.AioRpcError as e:
             return _error_response(to_dashscope(from_rpc_error(e), request_id))
-        if first is DISCONNECTED:
-            return Response(status_code=499)
-        return _DashScopeSSE(call, iterator, first, StreamRenderer(plan, request_id))
+        return Response(dumps(render_unary(plan, resp, request_id)), media_type="application/json")
+    call = (stub.Chat if plan.chat else stub.Generate)(plan.request, metadata=metadata, timeout=timeout)
+    try:
+        iterator, first = await first_message(call, request.receive)
+    except grpc.aio.AioRpcError as e:
+        return _error_response(to_dashscope(from_rpc_error(e), request_id))
+    if first is DISCONNECTED:
+        return Response(status_code=499)
+    return SSEResponse(call, iterator, first, StreamRenderer(plan, request_id))
 
-    async def unknown(request: Request) -> Response:
-        request_id = request.headers.get("x-request-id") or str(uuid.uuid4())
-        return _error_response(dashscope_error(
-            404, "InvalidURL", f"Unknown DashScope API: {request.method} {request.url.path}; this server offers "
-                               f"POST {TEXT_GENERATION_PATH}.", request_id))
 
-    return [Route(TEXT_GENERATION_PATH, text_generation, methods=["POST"]),
-            Route(PREFIX + "{rest:path}", unknown, methods=["GET", "POST", "PUT", "DELETE", "PATCH"])]
+async def unknown_api(request: Request) -> Response:
+    """Any other path under the DashScope prefix."""
+    request_id = request.headers.get("x-request-id") or str(uuid.uuid4())
+    return _error_response(dashscope_error(
+        404, "InvalidURL", f"Unknown DashScope API: {request.method} {request.url.path}; this server offers "
+                           f"POST {TEXT_GENERATION_PATH}.", request_id))

@@ -16,13 +16,13 @@ the stream ends WITHOUT `data: [DONE]` — `[DONE]` means "complete"; a stream t
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
 from google.rpc import error_details_pb2, status_pb2
 
+from genrpc.bridge.encoding import dumps
 from genrpc.error_table import (
     DASHSCOPE_GRPC_CODES,
     DASHSCOPE_REASON_CODES,
@@ -44,7 +44,7 @@ class OpenAIError:
     grpc_code: int | None = None  # the gRPC status code it came from (None: not a gRPC error)
 
     def json_bytes(self) -> bytes:
-        return json.dumps(self.body, separators=(",", ":"), ensure_ascii=False).encode()
+        return dumps(self.body)
 
     def sse_event(self) -> bytes:
         """The SSE error event sent once a stream has started (the stream then ends, no [DONE])."""
@@ -134,7 +134,7 @@ class DashScopeError:
     body: dict[str, Any]  # {"code", "message", "request_id"}
 
     def json_bytes(self) -> bytes:
-        return json.dumps(self.body, separators=(",", ":"), ensure_ascii=False).encode()
+        return dumps(self.body)
 
     def sse_event(self, event_id: int) -> bytes:
         """DashScope's SSE error event (sent once a stream has started; the stream then ends)."""

@@ -4,35 +4,34 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
 import uvicorn
 
 from genrpc.bridge.app import create_app
+from genrpc.settings import Settings
 
 
-def make_server(settings: Any) -> uvicorn.Server:
+def make_server(settings: Settings) -> uvicorn.Server:
     """A uvicorn.Server for the bridge on settings.host:settings.bridge_port (call `.serve()`; set
     `.should_exit = True` to stop it)."""
     config = uvicorn.Config(
         create_app(settings), host=settings.host, port=settings.bridge_port,
-        log_level=(getattr(settings, "log_level", "") or "info").lower(),
+        log_level=(settings.log_level or "info").lower(),
         access_log=False, lifespan="on", timeout_keep_alive=75,
-        # on SIGTERM, running SSE streams get this long to finish before they are cut
-        timeout_graceful_shutdown=int(getattr(settings, "shutdown_grace_s", 30) or 0) or None,
+        http="httptools",  # the C parser (a pinned dependency): h11's pure-Python send path costs more per frame
+        # on SIGTERM, running SSE streams get this long to finish before they are cut (0: cut at once)
+        timeout_graceful_shutdown=settings.shutdown_grace_s,
     )
     return uvicorn.Server(config)
 
 
-async def serve(settings: Any) -> None:
+async def serve(settings: Settings) -> None:
     """Serves the bridge until stopped (SIGINT/SIGTERM, or the task being cancelled)."""
     server = make_server(settings)
     await server.serve()
 
 
 def main() -> None:
-    from genrpc.settings import Settings
-
     asyncio.run(serve(Settings()))
 
 

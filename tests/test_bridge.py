@@ -13,7 +13,7 @@ from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 
 from genrpc.bridge import errors
-from genrpc.bridge.app import chunk_to_json
+from genrpc.bridge.openai_api import chunk_to_dict
 from genrpc.v1 import chat_pb2, common_pb2
 # The scripted gRPC backend and the real bridge in front of it: the same module-scoped fixtures as there.
 from test_envoy_config import MODEL, SPECIAL_MSG, backend, bridge  # noqa: F401 - pytest fixtures
@@ -88,9 +88,9 @@ def test_chunk_json_mapping():
     c = chat_pb2.ChatCompletionChunk(id="x", object="chat.completion.chunk", created=1, model="m",
                                      choices=[chat_pb2.ChatCompletionChunkChoice(index=0)],
                                      usage=common_pb2.Usage(prompt_tokens=0, completion_tokens=1, total_tokens=1))
-    assert "usage" not in chunk_to_json(c) and chunk_to_json(c)["choices"] == [{"index": 0}]
+    assert "usage" not in chunk_to_dict(c) and chunk_to_dict(c)["choices"] == [{"index": 0}]
     u = chat_pb2.ChatCompletionChunk(id="x", created=1, usage=common_pb2.Usage(prompt_tokens=0))
-    assert chunk_to_json(u) == {"id": "x", "created": 1, "choices": [], "usage": {"prompt_tokens": 0}}
+    assert chunk_to_dict(u) == {"id": "x", "created": 1, "choices": [], "usage": {"prompt_tokens": 0}}
 
 
 # ---- SSE order ------------------------------------------------------------------------------------------
@@ -112,12 +112,12 @@ async def test_chat_sse_order(http, model, include_usage):
     assert "".join(c["choices"][0]["delta"].get("content", "") for c in with_choices) == "Hello world"
     assert [c["choices"][0]["finish_reason"] for c in with_choices][-1] == "stop"
     assert all("usage" not in c for c in with_choices)
-    if include_usage:
+    if include_usage and model != "nousagechunk":
         assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == {
             "prompt_tokens": 5, "completion_tokens": 4, "total_tokens": 9}
         assert chunks[-1]["id"] == chunks[0]["id"] and chunks[-1]["model"] == model
         assert len(chunks) == len(with_choices) + 1
-    else:
+    else:  # the bridge forwards the service's usage chunk; it makes none up
         assert len(chunks) == len(with_choices)
     assert len({c["id"] for c in chunks}) == 1
 
@@ -152,7 +152,8 @@ async def test_deadline_forwarded(http, backend):
 # ---- errors -----------------------------------------------------------------------------------------------
 
 async def test_bad_json_is_400(http):
-    for raw in (b'{"model": ', b"[1, 2]", b"", b'{"model": 5, "stream": true}', b"\xff\xfe"):
+    for raw in (b'{"model": ', b"[1, 2]", b"", b'{"model": 5, "stream": true}', b"\xff\xfe",
+                b'{"model": "a", "model": "b", "messages": [], "stream": true}', b"[" * 100_000):
         resp = await http.post("/v1/chat/completions", content=raw, headers={"content-type": "application/json"})
         assert resp.status_code == 400, raw
         assert set(resp.json()["error"]) == {"message", "type", "param", "code"}
@@ -222,3 +223,102 @@ async def test_disconnect_before_first_message_cancels_grpc_call(bridge, backend
         with pytest.raises(asyncio.CancelledError):
             await request
     await asyncio.wait_for(servicer.cancelled.wait(), timeout=5)
+
+
+# ---- the stream core ----------------------------------------------------------------------------------------
+
+class _Call:
+    """Stands in for a grpc.aio call in SSEResponse's hands (it only cancels it)."""
+
+    def __init__(self) -> None:
+        self.cancelled = False
+
+    def cancel(self) -> bool:
+        self.cancelled = True
+        return True
+
+
+class _Renderer:
+    headers = [(b"content-type", b"text/event-stream")]
+
+    def feed(self, message: Any) -> bytes:
+        return f"data: {message}\n\n".encode()
+
+    def finish(self) -> bytes:
+        return b"data: [DONE]\n\n"
+
+    def error(self, error: Any) -> bytes:
+        raise AssertionError("no error expected")
+
+
+async def _run_sse(messages: Any, gate: asyncio.Event | None = None) -> list[dict[str, Any]]:
+    from genrpc.bridge.stream import SSEResponse
+
+    sent: list[dict[str, Any]] = []
+    disconnect = asyncio.Event()
+
+    async def receive() -> dict[str, Any]:
+        await disconnect.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+        if gate is not None and len(sent) == 2:
+            gate.set()  # the first frame went out before the next message existed
+
+    it = messages.__aiter__()
+    first = await it.__anext__()
+    await SSEResponse(_Call(), it, first, _Renderer())({"type": "http"}, receive, send)
+    return sent
+
+
+async def test_frames_ready_together_go_out_in_one_send():
+    async def ready():  # every message already there (a busy loop, or a burst from the service)
+        for i in range(5):
+            yield i
+
+    sent = await _run_sse(ready())
+    assert sent[0]["type"] == "http.response.start" and len(sent) == 2
+    assert sent[1]["body"] == b"".join(f"data: {i}\n\n".encode() for i in range(5)) + b"data: [DONE]\n\n"
+    assert sent[1]["more_body"] is False
+
+
+async def test_a_frame_is_sent_as_soon_as_it_is_ready():
+    gate = asyncio.Event()
+
+    async def paced():
+        yield 0
+        await asyncio.wait_for(gate.wait(), 5)  # the next message only after the first frame was sent
+        yield 1
+
+    sent = await _run_sse(paced(), gate)
+    bodies = [m["body"] for m in sent[1:]]
+    assert bodies[0] == b"data: 0\n\n" and sent[1]["more_body"] is True
+    assert b"".join(bodies[1:]) == b"data: 1\n\ndata: [DONE]\n\n"
+
+
+async def test_zero_shutdown_grace_cuts_running_streams_at_once(backend):
+    """--shutdown-grace-s 0: running streams are cut at once (it used to mean "wait forever")."""
+    from genrpc.bridge.server import make_server
+    from genrpc.settings import Settings
+    from _procs import HOST, free_port
+
+    servicer = backend[0]
+    servicer.cancelled.clear()
+    server = make_server(Settings(host=HOST, grpc_port=backend[1], bridge_port=free_port(), log_level="warning",
+                                  shutdown_grace_s=0))
+    task = asyncio.create_task(server.serve())
+    async with httpx.AsyncClient(base_url=f"http://{HOST}:{server.config.port}", timeout=30) as http:
+        deadline = asyncio.get_running_loop().time() + 10
+        while not server.started:
+            assert asyncio.get_running_loop().time() < deadline and not task.done()
+            await asyncio.sleep(0.01)
+        async with http.stream("POST", "/v1/chat/completions", json=chat_body("slow")) as resp:
+            parts = resp.aiter_raw().__aiter__()  # kept open: the client stays connected throughout
+            got = b""
+            while got.count(b"\n\n") < 2:  # the stream runs (a chunk every 50 ms, endless)
+                got += await parts.__anext__()
+            server.should_exit = True
+            await asyncio.wait_for(task, 5)  # would wait for the endless stream with an unbounded grace
+            # the bridge cut the stream and cancelled its gRPC call while the client was still connected
+            await asyncio.wait_for(servicer.cancelled.wait(), timeout=5)

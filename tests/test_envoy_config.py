@@ -53,7 +53,7 @@ class ScriptedService(generation_service_pb2_grpc.GenerationServiceServicer):
     midfail           (streams) two chunks, then INTERNAL
     slow              (streams) a chunk every 50 ms until cancelled; records the cancellation
     slowstart         (streams) waits 30 s before the first chunk; records the cancellation
-    nousagechunk      (streams) never sends the usage-only chunk (the bridge synthesizes it)
+    nousagechunk      (streams) never sends the usage-only chunk (so neither does the bridge)
     anything else     a normal answer ("Hello world")."""
 
     def __init__(self) -> None:
