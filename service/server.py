@@ -28,6 +28,10 @@ def build_engine(settings: Settings) -> Engine:
         from genrpc.service.engines.sglang_engine import SGLangEngine
 
         return SGLangEngine(settings)
+    if settings.engine == "synthetic":  # benchmarks of the front path only
+        from genrpc.service.engines.synthetic import SyntheticEngine
+
+        return SyntheticEngine(settings)
     from genrpc.service.engines.reference.engine import ReferenceEngine
 
     return ReferenceEngine(settings)
@@ -44,7 +48,8 @@ class GenrpcServer:
             from genrpc.service.engines.sglang_engine import register_sglang_metrics
 
             register_sglang_metrics(self.metrics.registry)  # SGLang's scheduler metrics beside genrpc's own
-        self.servicer = GenerationServicer(engine, self.metrics, default_max_tokens=settings.default_max_tokens)
+        self.servicer = GenerationServicer(engine, self.metrics, default_max_tokens=settings.default_max_tokens,
+                                            stream_interval=settings.stream_interval)
         self.health = health.aio.HealthServicer()
         self.grpc_server = grpc.aio.server(options=[
             ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),

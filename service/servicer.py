@@ -58,8 +58,10 @@ class _Prepared:
 
 
 class GenerationServicer(generation_service_pb2_grpc.GenerationServiceServicer):
-    def __init__(self, engine: Engine, metrics: ServiceMetrics, *, default_max_tokens: int = 0):
+    def __init__(self, engine: Engine, metrics: ServiceMetrics, *, default_max_tokens: int = 0,
+                 stream_interval: int = 0):
         self._engine = engine
+        self._stream_interval = stream_interval  # server default; a request's stream_interval overrides it
         self._metrics = metrics
         self._default_max_tokens = default_max_tokens
         self._ready = False
