@@ -274,10 +274,14 @@ def config_has_vision(model_path: str) -> bool:
 # --------------------------------------------------------------------------------------------------------------
 
 class StreamNormalizer:
-    """Turns SGLang's stream items (cumulative by default) into GenerationDelta objects.
+    """Turns SGLang's stream items into GenerationDelta objects.
 
-    ``feed(item)`` returns a delta, or None when the item added nothing (SGLang may repeat an item when
-    several outputs were drained at once); it raises an SGLangEngineError for an abort.
+    genrpc starts SGLang with ``incremental_streaming_output=True``: each item is a disjoint segment (text,
+    ids and the per-token logprob lists sliced to the segment; several queued segments arrive concatenated
+    as one item). Cumulative items (SGLang's default) are handled too. ``feed(item)`` returns a delta, or None
+    when the item added nothing (in cumulative mode SGLang may repeat an item when several outputs were
+    drained at once); it raises an SGLangEngineError for an abort (in incremental mode the abort item built
+    by ``_handle_abort_req`` carries the cumulative text, which is why it must never be read as a segment).
     """
 
     def __init__(self, *, incremental: bool = False, prompt_tokens: int = 0):
@@ -355,6 +359,10 @@ def engine_kwargs(settings: Any) -> dict[str, Any]:
         "log_level": settings.log_level,
         # Token ids in, text + ids out: the service tokenizes (chat template, counting) itself.
         "skip_tokenizer_init": False,
+        # Streamed items are disjoint segments, not cumulative text/ids (O(n) per request, not O(n^2)); queued
+        # segments are concatenated by TokenizerManager._coalesce_streaming_chunks (0.5.23). StreamNormalizer
+        # reads whichever mode the engine's server_args report.
+        "incremental_streaming_output": True,
         "enable_metrics": int(getattr(settings, "metrics_port", 0)) != -1,
     }
     if settings.context_length:
