@@ -154,11 +154,13 @@ async def run_client(args: argparse.Namespace) -> dict:
         except Exception as error:  # noqa: BLE001 - reported in the results, the cell is marked
             errors.append(f"{type(error).__name__}: {error}"[:300])
 
-    channel = client = None
+    channels, client = [], None
     if args.path in ("grpc", "grpc-envoy"):
-        channel = grpc.aio.insecure_channel(args.target)
-        stub = generation_service_pb2_grpc.GenerationServiceStub(channel)
-        workers = [guarded(grpc_worker, stub) for _ in range(args.concurrency)]
+        # Each channel its own TCP connection (SO_REUSEPORT spreads connections, not streams, over workers).
+        channels = [grpc.aio.insecure_channel(args.target, options=[("grpc.use_local_subchannel_pool", 1)])
+                    for _ in range(args.channels)]
+        stubs = [generation_service_pb2_grpc.GenerationServiceStub(c) for c in channels]
+        workers = [guarded(grpc_worker, stubs[i % len(stubs)]) for i in range(args.concurrency)]
     else:
         client = httpx.AsyncClient(base_url=args.target, timeout=60,
                                    limits=httpx.Limits(max_connections=args.concurrency + 8,
@@ -176,7 +178,7 @@ async def run_client(args: argparse.Namespace) -> dict:
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
-    if channel is not None:
+    for channel in channels:
         await channel.close()
     if client is not None:
         await client.aclose()
@@ -242,13 +244,13 @@ def worker_pids(pid: int) -> list[int]:
 
 
 def run_cell(front: Front, path: str, concurrency: int, tokens: int, duration: float,
-             stream_interval: int | None) -> dict:
+             stream_interval: int | None, channels: int = 1) -> dict:
     pids = dict(front.pids)
     pids.pop("service")
     pids.update({f"service{i}": pid for i, pid in enumerate(front.service_pids)})
     argv = [sys.executable, __file__, "--client", "--path", path, "--concurrency", str(concurrency),
             "--tokens", str(tokens), "--duration", str(duration), "--target", front.targets()[path],
-            "--model", front.settings.model_id, "--pids", ",".join(f"{k}={v}" for k, v in pids.items())]
+            "--model", front.settings.model_id, "--channels", str(min(channels, concurrency)), "--pids", ",".join(f"{k}={v}" for k, v in pids.items())]
     if stream_interval is not None:
         argv += ["--stream-interval", str(stream_interval)]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 120)
@@ -303,7 +305,10 @@ def main() -> None:
     parser.add_argument("--stream-interval", type=int, default=None,
                         help="send this request extension with every streamed request (default: none sent)")
     parser.add_argument("--service-workers", type=int, default=1)
+    parser.add_argument("--client-channels", type=int, default=1,
+                        help="gRPC paths: connections the client spreads its streams over")
     parser.add_argument("--output", default="", help="also write the table to this file")
+    parser.add_argument("--channels", type=int, default=1, help=argparse.SUPPRESS)
     # the client side (internal: one client process per cell)
     parser.add_argument("--client", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--path", help=argparse.SUPPRESS)
@@ -321,7 +326,8 @@ def main() -> None:
     paths = args.paths.split(",")
     lines = [f"bench_front: {time.strftime('%Y-%m-%d %H:%M:%S %Z')}, {os.cpu_count()} CPUs, load average "
              f"{os.getloadavg()[0]:.2f} at start; {args.duration:.0f} s per cell; service workers "
-             f"{args.service_workers}; stream_interval {args.stream_interval}",
+             f"{args.service_workers}; stream_interval {args.stream_interval}; gRPC client connections "
+             f"{args.client_channels}",
              "µs columns: CPU µs per delivered token (utime+stime from /proc); front = the processes on the path; "
              "client = load client CPU %",
              f"targets (paced 64/256 streams): SSE front <= {TARGET_SSE_US} µs/token, gRPC via Envoy (service+Envoy) "
@@ -342,7 +348,8 @@ def main() -> None:
                 cells.append(("sse", 128))  # the "128 x 50 tok/s over SSE delivered in full"
             for path, concurrency in cells:
                 cell_tokens = UNARY_PACED_TOKENS if (path, pacing) == ("unary", "paced") else tokens
-                result = run_cell(front, path, concurrency, cell_tokens, args.duration, args.stream_interval)
+                result = run_cell(front, path, concurrency, cell_tokens, args.duration, args.stream_interval,
+                                  args.client_channels)
                 offered = concurrency * rate if pacing == "paced" else None
                 line = format_row(path, pacing, concurrency, offered, result)
                 lines.append(line)

@@ -76,6 +76,12 @@ class Settings(BaseSettings):
     sglang_extra_args: str = Field("", description='SGLang: extra ServerArgs as a JSON object, '
                                                    'e.g. {"attention_backend": "fa3"}')
 
+    service_workers: int = Field(1, ge=1, description="gRPC service processes sharing --grpc-port (SO_REUSEPORT), "
+                                                      "each with its own engine, so per-token Python work is not "
+                                                      "bound to one GIL. The kernel spreads connections, not "
+                                                      "streams. Needs a fixed port; not for sglang (one engine "
+                                                      "owns the GPUs)")
+
     # --- operations ---
     log_level: str = Field("info", description="log level: debug, info, warning, error")
     shutdown_grace_s: float = Field(30.0, description="seconds running streams get to finish on SIGTERM")
