@@ -28,8 +28,53 @@ def cmd_serve(settings: Settings, _: argparse.Namespace) -> int:
     from genrpc.service.server import serve
 
     _logging(settings)
+    if settings.service_workers > 1:
+        return _serve_workers(settings)
     asyncio.run(serve(settings))
     return 0
+
+
+def _serve_workers(settings: Settings) -> int:
+    """`--service-workers N`: N service processes on one port (grpc servers set SO_REUSEPORT by default), each
+    with its own engine; this process only supervises: SIGTERM/SIGINT stop them all, one dying stops the rest.
+    Worker i serves metrics on --metrics-port + i (when a fixed port is set)."""
+    from genrpc import processes
+
+    log = logging.getLogger("genrpc.serve")
+    if settings.grpc_port == 0:
+        log.error("--service-workers > 1 needs a fixed --grpc-port (port 0 would give each worker its own)")
+        return 2
+    if settings.engine == "sglang":
+        log.error("--service-workers > 1 would start one SGLang engine per worker on the same GPUs")
+        return 2
+
+    def request_stop(signum, _frame):
+        raise KeyboardInterrupt
+
+    env = {**settings_env(settings), "GENRPC_SERVICE_WORKERS": "1"}
+    workers: list[processes.Child] = []
+    signal.signal(signal.SIGTERM, request_stop)
+    try:
+        for i in range(settings.service_workers):
+            metrics = settings.metrics_port + i if settings.metrics_port > 0 else settings.metrics_port
+            workers.append(processes.spawn(f"service-{i}", [sys.executable, "-m", "genrpc.cli", "serve"],
+                                           env={**env, "GENRPC_METRICS_PORT": str(metrics)}))
+        while all(w.alive() for w in workers):
+            try:
+                workers[0].process.wait(timeout=0.5)
+            except Exception:  # noqa: BLE001 - TimeoutExpired: keep watching all workers
+                pass
+        log.error("a service worker exited; stopping the others")
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        for worker in workers:
+            worker.process.send_signal(signal.SIGTERM)
+        for worker in workers:
+            worker.stop(timeout_s=settings.shutdown_grace_s + 5)
 
 
 def cmd_bridge(settings: Settings, _: argparse.Namespace) -> int:

@@ -42,9 +42,10 @@ class Settings(BaseSettings):
                                                "same; beyond it REST gets 429, gRPC RESOURCE_EXHAUSTED (0 = off)")
 
     # --- model and engine ---
-    engine: Literal["llamacpp", "reference", "sglang"] = Field(
+    engine: Literal["llamacpp", "reference", "sglang", "synthetic"] = Field(
         "reference", description="model runtime: llamacpp (GGUF on CPU), reference (torch, bit-identical alone "
-                                 "or batched) or sglang (GPUs)")
+                                 "or batched), sglang (GPUs) or synthetic (no model: timestamp tokens for "
+                                 "front-path benchmarks only)")
     model: str = Field("", description="HF model directory or .gguf file (default: the bundled SmolLM2-135M)")
     model_id: str = Field(DEFAULT_MODEL_ID, description="model id served to clients (`model` in requests)")
     cache_dir: pathlib.Path = Field(default_factory=default_cache_dir,
@@ -56,6 +57,12 @@ class Settings(BaseSettings):
     reference_batch_invariant: bool = Field(True, description="reference engine: bit-identical results alone or batched "
                                       "(costs ~1.6x single-stream speed)")
     default_max_tokens: int = Field(0, description="chat max tokens when a request sets none (0 = rest of context)")
+    stream_interval: int = Field(0, ge=0, description="streaming: send deltas every N tokens (the first at once); "
+                                                      "0 = adaptive: each message carries whatever tokens are "
+                                                      "ready when the stream can take it, never delayed. A "
+                                                      "request's own stream_interval overrides it")
+    synthetic_tokens_per_s: float = Field(50.0, ge=0, description="synthetic engine (benchmarks): tokens per "
+                                                                  "second per stream (0 = unpaced)")
 
     # --- SGLang engine (GPU) ---
     tp_size: int = Field(1, description="SGLang tensor-parallel size (GPUs per model replica)")
@@ -68,6 +75,12 @@ class Settings(BaseSettings):
                                                             "(0 = SGLang sizes it from KV-cache memory)")
     sglang_extra_args: str = Field("", description='SGLang: extra ServerArgs as a JSON object, '
                                                    'e.g. {"attention_backend": "fa3"}')
+
+    service_workers: int = Field(1, ge=1, description="gRPC service processes sharing --grpc-port (SO_REUSEPORT), "
+                                                      "each with its own engine, so per-token Python work is not "
+                                                      "bound to one GIL. The kernel spreads connections, not "
+                                                      "streams. Needs a fixed port; not for sglang (one engine "
+                                                      "owns the GPUs)")
 
     # --- operations ---
     log_level: str = Field("info", description="log level: debug, info, warning, error")

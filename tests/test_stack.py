@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import re
 import subprocess
 import sys
@@ -82,6 +83,25 @@ def test_chat_stream_order_and_usage(client, stack):
     assert text == unary.choices[0].message.content  # greedy: streamed and unary agree
     assert usage.usage.completion_tokens == unary.usage.completion_tokens
     assert len({c.id for c in chunks}) == 1
+
+
+def test_stream_interval_groups_tokens_same_text(client, stack):
+    """stream_interval (request extension) through Envoy and the bridge: 4 tokens per chunk (the first at
+    once), the same greedy text as one chunk per token."""
+    def streamed(interval: int) -> tuple[list[str], int]:
+        stream = client.chat.completions.create(
+            model=stack.model, messages=LONG_ANSWER, max_tokens=40, temperature=0, stream=True,
+            stream_options={"include_usage": True}, extra_body={"stream_interval": interval})
+        chunks = list(stream)
+        return [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content], \
+            chunks[-1].usage.completion_tokens
+
+    per_token, n = streamed(1)
+    grouped, n_grouped = streamed(4)
+    assert "".join(grouped) == "".join(per_token) and n_grouped == n
+    assert len(per_token) >= n - 2  # one chunk per token (a token may decode to no text on its own)
+    assert len(grouped) <= math.ceil(n / 4) + 1
+    assert len(grouped) < len(per_token)
 
 
 def test_stream_without_include_usage_has_no_usage_chunk(client, stack):

@@ -41,6 +41,12 @@ def build_engine(settings: Settings) -> Engine:
         from genrpc.service.engines.sglang_engine import SGLangEngine
 
         return SGLangEngine(sglang_config(settings))
+    if settings.engine == "synthetic":  # measuring the front path only (benchmarks/bench_front.py)
+        from genrpc.service.engines.synthetic import SyntheticEngine, SyntheticEngineConfig
+
+        return SyntheticEngine(SyntheticEngineConfig(
+            model_id=settings.model_id, tokens_per_s=settings.synthetic_tokens_per_s, max_queue=settings.max_queue,
+            context_length=settings.context_length))
     if settings.engine == "llamacpp":
         # The llama.cpp engine (service/engines/llamacpp/) plugs in here with its own config object.
         raise NotImplementedError("the llamacpp engine is not available in this build; use --engine reference")
