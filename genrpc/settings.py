@@ -81,6 +81,10 @@ class Settings(BaseSettings):
                                                       "bound to one GIL. The kernel spreads connections, not "
                                                       "streams. Needs a fixed port; not for sglang (one engine "
                                                       "owns the GPUs)")
+    bridge_workers: int = Field(1, ge=1, description="SSE bridge processes sharing --bridge-port (SO_REUSEPORT); "
+                                                     "the kernel spreads Envoy's connections over them")
+    reuse_port: bool = Field(False, description="bind the bridge's port with SO_REUSEPORT, shared with other "
+                                                "processes (set for the workers of --bridge-workers)")
 
     # --- operations ---
     log_level: str = Field("info", description="log level: debug, info, warning, error")
