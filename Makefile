@@ -49,7 +49,7 @@ protos: venv
 	$(PY) scripts/gen_protos.py
 
 bench: venv
-	$(PY) benchmarks/bench_cpu_engine.py
+	$(PY) benchmarks/bench_engines.py
 	$(PY) benchmarks/bench_stack.py
 
 clean:

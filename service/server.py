@@ -28,6 +28,10 @@ def build_engine(settings: Settings) -> Engine:
         from genrpc.service.engines.sglang_engine import SGLangEngine
 
         return SGLangEngine(settings)
+    if settings.engine == "llamacpp":
+        from genrpc.service.engines.llamacpp import LlamaCppEngine, LlamaCppEngineConfig
+
+        return LlamaCppEngine(LlamaCppEngineConfig.from_settings(settings))
     from genrpc.service.engines.reference.engine import ReferenceEngine
 
     return ReferenceEngine(settings)

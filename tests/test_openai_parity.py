@@ -38,9 +38,11 @@ def client(stack):
 
 @pytest.fixture(scope="module")
 def tokenizer(stack):
-    from genrpc.service.engines.reference.model_store import resolve_model_dir
+    # The served engine's tokenizer (the llama.cpp engine's cached export of the GGUF vocabulary).
+    from genrpc.service.engines.gguf_files import bundled_gguf_path
+    from genrpc.service.engines.llamacpp.tokenizer import load_cached
 
-    return Tokenizer.from_file(str(resolve_model_dir(Settings()) / "tokenizer.json"))
+    return load_cached(bundled_gguf_path(), Settings().cache_dir)[0].backend
 
 
 def ask(client, stack, **fields):
