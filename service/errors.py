@@ -119,4 +119,9 @@ _ENGINE_ERRORS: list[tuple[str, Callable[[BaseException], ServiceError]]] = [
     ("UnsupportedParameterError", lambda e: UnsupportedParameter(getattr(e, "field", "request"), str(e))),
     ("UnsupportedRequestError", lambda e: UnsupportedParameter(getattr(e, "field", "request"), str(e))),
     ("SGLangRequestError", lambda e: InvalidArgument(getattr(e, "field", "request"), str(e))),
+    # The typed engine errors of engines/base.py (the llama.cpp engine raises only these).
+    ("EngineOverloaded", lambda e: Overloaded(str(e) or "The server is at capacity; retry later.")),
+    ("EngineUnavailable", lambda e: NotReady(str(e) or "The engine is not running.")),
+    ("EngineUnsupported", lambda e: UnsupportedParameter(getattr(e, "field", "request"), str(e))),
+    ("EngineBadRequest", lambda e: InvalidArgument(getattr(e, "field", "request"), str(e))),
 ]

@@ -305,3 +305,14 @@ def test_engine_process_does_not_import_torch() -> None:
     torch_loaded, transformers_loaded, rss_mb = map(int, result.stdout.split()[-3:])
     assert (torch_loaded, transformers_loaded) == (0, 0)
     assert rss_mb < 400, rss_mb
+
+
+def test_llama_server_http_listener_is_closed(engine: LlamaCppEngine) -> None:
+    """xllamacpp also starts llama-server's HTTP listener on a loopback port; the engine's random API key keeps
+    it from serving anyone (genrpc's only entry points are gRPC and Envoy)."""
+    import httpx
+
+    address = engine._server.listening_address
+    assert address.startswith("http://127.0.0.1:")
+    assert httpx.post(f"{address}/completion", json={"prompt": "hi", "n_predict": 2}, timeout=30).status_code == 401
+    assert httpx.get(f"{address}/slots", timeout=30).status_code == 401

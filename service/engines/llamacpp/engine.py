@@ -301,6 +301,9 @@ class LlamaCppEngine:
 
     async def start(self) -> None:
         gguf = self._config.gguf_path
+        if gguf.is_dir():
+            raise ValueError(f"{gguf} is a directory: the llama.cpp engine serves .gguf files (an HF model "
+                             f"directory runs on --engine reference)")
         if not gguf.is_file():
             raise FileNotFoundError(f"model not found: {gguf} (the llama.cpp engine serves a .gguf file)")
         t0 = time.perf_counter()
