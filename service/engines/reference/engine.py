@@ -55,7 +55,7 @@ class EngineStoppedError(RuntimeError):
 
 
 class ReferenceEngine:
-    """The default engine. See the module docstring and `batch.py` for the batching scheme."""
+    """The bit-exact reference engine. See the module docstring and `batch.py` for the batching scheme."""
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
