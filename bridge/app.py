@@ -44,8 +44,13 @@ from genrpc.v1 import chat_pb2, completion_pb2, generation_service_pb2_grpc
 log = logging.getLogger("genrpc.bridge")
 
 # Request headers forwarded to the service as gRPC metadata (lower case).
-FORWARDED_HEADERS = ("x-request-id", "x-client-id", "traceparent", "tracestate", "openai-organization",
-                     "openai-project")
+FORWARDED_HEADERS = ("x-request-id", "x-client-id", "x-genrpc-affinity", "traceparent", "tracestate",
+                     "openai-organization", "openai-project")
+# Per-call balancing over every address of the target (several with `dns:///a-headless-service:50051` or
+# `ipv4:a:1,b:2`), skipping replicas whose grpc.health.v1 status is NOT_SERVING (loading, draining); with one
+# address it behaves as the default pick_first. docs/deployment.md, "Scaling out".
+CHANNEL_SERVICE_CONFIG = json.dumps({"loadBalancingConfig": [{"round_robin": {}}],
+                                     "healthCheckConfig": {"serviceName": "genrpc.v1.GenerationService"}})
 # Request headers that carry a deadline, in milliseconds (Envoy sets it when the route has a timeout).
 DEADLINE_HEADER_MS = "x-envoy-expected-rq-timeout-ms"
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -223,6 +228,7 @@ def create_app(settings: Any) -> Starlette:
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.keepalive_time_ms", 30_000),
                 ("grpc.keepalive_permit_without_calls", 0),
+                ("grpc.service_config", CHANNEL_SERVICE_CONFIG),
             ])
             holder["stub"] = generation_service_pb2_grpc.GenerationServiceStub(holder["channel"])
         return holder["stub"]
