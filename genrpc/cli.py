@@ -161,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     settings_module.add_arguments(envoy, ENVOY_SETTINGS)
     envoy.add_argument("--listen-host", default=None, help="address Envoy's listener binds (default: --host)")
     envoy.add_argument("--grpc-host", default=None, help="host of the gRPC service, an IP or a DNS name such as a "
-                                                         "Kubernetes Service (default: --host)")
+                                                         "Kubernetes Service (default: --host); ignored when "
+                                                         "--grpc-upstreams lists the replicas")
     envoy.add_argument("--bridge-host", default=None, help="host of the SSE bridge (default: --host)")
     envoy.add_argument("--descriptor", default=None,
                        help="path of the proto descriptor set as Envoy will see it (not read here) "

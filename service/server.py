@@ -20,6 +20,7 @@ from genrpc.service.servicer import GenerationServicer
 log = logging.getLogger("genrpc.service")
 SERVICE_NAME = generation_service_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name
 _MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # long prompts
+_MAX_CONNECTION_AGE_MS = 5 * 60 * 1000
 
 
 def build_engine(settings: Settings) -> Engine:
@@ -49,6 +50,9 @@ class GenrpcServer:
         self.grpc_server = grpc.aio.server(options=[
             ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
+            # clients reconnect every few minutes (running streams finish first), so a gRPC client balancing over a
+            # DNS name (the bridge: dns:///genrpc-service-pods) re-resolves it and finds replicas added since
+            ("grpc.max_connection_age_ms", _MAX_CONNECTION_AGE_MS),
         ])
         generation_service_pb2_grpc.add_GenerationServiceServicer_to_server(self.servicer, self.grpc_server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
