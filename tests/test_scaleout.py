@@ -6,7 +6,8 @@ second), plus the real bridge for SSE streams. Which replica served what is read
 Covers: per-request spread over all replicas, prompt-cache affinity (prompt_cache_key, user, API client, gRPC
 metadata; streams through the bridge spread per call), a draining replica (SIGTERM, NOT_SERVING) that gets
 nothing new while its streams finish, and a killed replica that loses only its own in-flight requests.
-Prints the distributions and the failover timings (`pytest -s`).
+test_real_model_replicas_spread_and_keys_stick repeats the spread and the affinity with two real `genrpc serve`
+processes (bundled model) and the openai SDK. Prints the distributions and the failover timings (`pytest -s`).
 """
 
 from __future__ import annotations
@@ -77,25 +78,33 @@ class Cluster:
         return {m[1]: m[2] for m in re.finditer(rf"^{cluster}::([\d.]+:\d+)::health_flags::(\S+)$", text, re.M)}
 
 
-def start_replica(tmp: Path, name: str, step_delay_s: float, grace_s: float) -> Replica:
+def start_replica(tmp: Path, name: str, step_delay_s: float | None, grace_s: float) -> Replica:
+    """A scripted replica (step_delay_s: seconds per generated character), or with step_delay_s=None the real
+    `genrpc serve` with its default engine and the bundled model."""
     grpc_port, metrics_port = free_port(), free_port()
     env = {"GENRPC_HOST": HOST, "GENRPC_GRPC_PORT": str(grpc_port), "GENRPC_METRICS_PORT": str(metrics_port),
-           "GENRPC_SHUTDOWN_GRACE_S": str(grace_s), "GENRPC_MODEL_ID": MODEL}
-    proc = spawn(name, [sys.executable, str(REPLICA_SCRIPT), str(step_delay_s)], env=env,
-                 log_path=tmp / f"{name}.log")
+           "GENRPC_SHUTDOWN_GRACE_S": str(grace_s)}
+    if step_delay_s is None:
+        argv = [sys.executable, "-m", "genrpc.cli", "serve"]
+        env["GENRPC_TORCH_THREADS"] = "1"  # two replicas on a shared 2-core machine
+    else:
+        argv = [sys.executable, str(REPLICA_SCRIPT), str(step_delay_s)]
+        env["GENRPC_MODEL_ID"] = MODEL
+    proc = spawn(name, argv, env=env, log_path=tmp / f"{name}.log")
     return Replica(name, proc, grpc_port, metrics_port)
 
 
 @contextlib.contextmanager
-def run_cluster(tmp: Path, *, step_delay_s: float = 0.002, grace_s: float = 30.0):
+def run_cluster(tmp: Path, *, step_delay_s: float | None = 0.002, grace_s: float = 30.0, count: int = 3,
+                ready_timeout_s: float = 60):
     replicas: list[Replica] = []
     bridge = None
     try:
-        replicas = [start_replica(tmp, f"replica-{i}", step_delay_s, grace_s) for i in range(3)]
+        replicas = [start_replica(tmp, f"replica-{i}", step_delay_s, grace_s) for i in range(count)]
         for r in replicas:
-            wait_until(grpc_serving(r.address), r.proc, 60, "SERVING")
+            wait_until(grpc_serving(r.address), r.proc, ready_timeout_s, "SERVING")
         bridge_port = free_port()
-        # the bridge balances per call over the three (round_robin + client-side health checks)
+        # the bridge balances per call over the replicas (round_robin + client-side health checks)
         target = "ipv4:" + ",".join(r.address for r in replicas)
         bridge = spawn("bridge", [sys.executable, "-m", "genrpc.cli", "bridge"], log_path=tmp / "bridge.log",
                        env={"GENRPC_HOST": HOST, "GENRPC_BRIDGE_PORT": str(bridge_port), "GENRPC_GRPC_TARGET": target})
@@ -104,10 +113,10 @@ def run_cluster(tmp: Path, *, step_delay_s: float = 0.002, grace_s: float = 30.0
                        grpc_upstreams=[(HOST, r.grpc_port) for r in replicas],
                        health_check_interval_s=HEALTH_INTERVAL_S) as envoy:
             cluster = Cluster(replicas, envoy, bridge, bridge_port)
-            # Envoy starts with every host unchecked: wait until it has seen all three healthy
-            wait_until(lambda: list(cluster.envoy_hosts().values()) == ["healthy"] * 3
-                       and list(cluster.envoy_hosts(envoy_config.AFFINITY_CLUSTER).values()) == ["healthy"] * 3,
-                       envoy.proc, 30, "seeing three healthy replicas")
+            # Envoy starts with every host unchecked: wait until it has seen all of them healthy
+            wait_until(lambda: list(cluster.envoy_hosts().values()) == ["healthy"] * count
+                       and list(cluster.envoy_hosts(envoy_config.AFFINITY_CLUSTER).values()) == ["healthy"] * count,
+                       envoy.proc, 30, "seeing every replica healthy")
             yield cluster
     finally:
         if bridge is not None:
@@ -116,8 +125,8 @@ def run_cluster(tmp: Path, *, step_delay_s: float = 0.002, grace_s: float = 30.0
             r.proc.stop(timeout_s=5)
 
 
-def chat_body(max_tokens: int = 2, **fields) -> dict:
-    return {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": max_tokens, **fields}
+def chat_body(max_tokens: int = 2, model: str = MODEL, **fields) -> dict:
+    return {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": max_tokens, **fields}
 
 
 async def post_many(base_url: str, bodies: list[dict], *, headers: dict | None = None, concurrency: int = 12
@@ -404,3 +413,77 @@ def test_a_killed_replica_loses_only_its_in_flight_requests(tmp_path):
         print(f"keys: {len(moved_keys)} of the killed replica's moved; {len(stayed)} of the survivors' "
               f"{len(kept_keys)} stayed put")
         assert len(stayed) >= 0.9 * len(kept_keys), (len(stayed), len(kept_keys))
+
+
+
+
+def test_real_model_replicas_spread_and_keys_stick(tmp_path):
+    """The same with two real `genrpc serve` processes (default engine, bundled model) and the official openai
+    SDK: one prompt_cache_key stays on one replica, keyless requests reach both, streams spread via the bridge."""
+    import openai
+
+    from genrpc.settings import DEFAULT_MODEL_ID
+
+    with run_cluster(tmp_path, step_delay_s=None, count=2, ready_timeout_s=600) as cluster:
+        client = openai.OpenAI(base_url=f"{cluster.envoy.base_url}/v1", api_key="unused", max_retries=0)
+        messages = [{"role": "user", "content": "Say hi."}]
+
+        before = cluster.served()
+        for _ in range(4):
+            reply = client.chat.completions.create(model=DEFAULT_MODEL_ID, max_tokens=2, messages=messages,
+                                                   prompt_cache_key="support-bot-v1")
+            assert reply.choices[0].message.content
+        keyed = delta(before, cluster.served())
+        assert sorted(keyed) == [0, 4], keyed
+
+        before = cluster.served()
+        responses = asyncio.run(post_many(cluster.envoy.base_url,
+                                          [chat_body(model=DEFAULT_MODEL_ID) for _ in range(12)], concurrency=4))
+        assert all(r.status_code == 200 for r in responses), [r.text for r in responses if r.status_code != 200]
+        spread = delta(before, cluster.served())
+        assert sum(spread) == 12 and all(spread), spread
+
+        before = cluster.served()
+        for _ in range(4):
+            stream = client.chat.completions.create(model=DEFAULT_MODEL_ID, max_tokens=2, stream=True,
+                                                    messages=messages)
+            chunks = list(stream)
+            assert chunks[-1].choices[0].finish_reason in ("stop", "length"), chunks[-1]
+        streamed = delta(before, cluster.served())
+        assert sum(streamed) == 4 and all(streamed), streamed  # round_robin per call in the bridge
+        print(f"\nreal model, 2 replicas: 4 requests with one prompt_cache_key -> {keyed}; 12 without -> {spread}; "
+              f"4 SSE streams via the bridge -> {streamed}")
+
+
+def test_render_lists_every_upstream_and_checks_health():
+    text = envoy_config.render(listen_host=HOST, listen_port=1, admin_port=2, grpc_host=HOST, grpc_port=3,
+                               bridge_host=HOST, bridge_port=4, descriptor_path="/x.pb",
+                               grpc_upstreams=envoy_config.parse_upstreams("10.0.0.1:50051, 10.0.0.2:50052"),
+                               health_check_interval_s=0.5)
+    import yaml
+
+    clusters = {c["name"]: c for c in yaml.safe_load(text)["static_resources"]["clusters"]}
+    for name, policy in [(envoy_config.GRPC_CLUSTER, "LEAST_REQUEST"), (envoy_config.AFFINITY_CLUSTER, "MAGLEV")]:
+        c = clusters[name]
+        assert c["lb_policy"] == policy and c["type"] == "STATIC"
+        addresses = [e["endpoint"]["address"]["socket_address"] for e in c["load_assignment"]["endpoints"][0]
+                     ["lb_endpoints"]]
+        assert [(a["address"], a["port_value"]) for a in addresses] == [("10.0.0.1", 50051), ("10.0.0.2", 50052)]
+        check = c["health_checks"][0]
+        assert check["grpc_health_check"]["service_name"] == "genrpc.v1.GenerationService"
+        assert check["interval"] == check["no_traffic_interval"] == "0.5s"
+        assert c["outlier_detection"]["enforcing_consecutive_gateway_failure"] == 100
+    assert "health_checks" not in clusters[envoy_config.BRIDGE_CLUSTER]
+    # a DNS name (a headless Service): STRICT_DNS keeps every address it resolves to
+    dns = yaml.safe_load(envoy_config.render(listen_host=HOST, listen_port=1, admin_port=2, grpc_host=HOST,
+                                             grpc_port=3, bridge_host=HOST, bridge_port=4, descriptor_path="/x.pb",
+                                             grpc_upstreams=[("genrpc-service-pods", 50051)]))
+    assert {c["name"]: c["type"] for c in dns["static_resources"]["clusters"]}[envoy_config.GRPC_CLUSTER] \
+        == "STRICT_DNS"
+    with pytest.raises(ValueError, match="expected host:port"):
+        envoy_config.parse_upstreams("10.0.0.1")
+    with pytest.raises(ValueError, match="health_check_interval_s"):
+        envoy_config.render(listen_host=HOST, listen_port=1, admin_port=2, grpc_host=HOST, grpc_port=3,
+                            bridge_host=HOST, bridge_port=4, descriptor_path="/x.pb", health_check_interval_s=0)
+    assert envoy_config.parse_upstreams("genrpc-service-pods:50051, [::1]:7") == [("genrpc-service-pods", 50051),
+                                                                                ("::1", 7)]
