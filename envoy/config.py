@@ -27,7 +27,7 @@ TEMPLATE = "envoy.yaml.j2"
 SERVICE_NAME = "genrpc.v1.GenerationService"
 ADMIN_HOST = "127.0.0.1"
 GRPC_CLUSTER = "genrpc_service"  # LEAST_REQUEST over the replicas: requests without an affinity key
-AFFINITY_CLUSTER = "genrpc_service_affinity"  # MAGLEV (consistent hashing) over the same replicas, on AFFINITY_HEADER
+AFFINITY_CLUSTER = "genrpc_service_affinity"  # MAGLEV (consistent hashing) on AFFINITY_HEADER, same replicas
 AFFINITY_HEADER = "x-genrpc-affinity"
 HEALTH_SERVICE = SERVICE_NAME  # grpc.health.v1 service name Envoy checks (NOT_SERVING while loading or draining)
 DEFAULT_HEALTH_CHECK_INTERVAL_S = 2.0
@@ -142,8 +142,9 @@ def render(*, listen_host: str, listen_port: int, admin_port: int, grpc_host: st
                   _cluster(AFFINITY_CLUSTER, upstreams, http2=True, lb_policy="MAGLEV", health_checked=True),
                   _cluster(BRIDGE_CLUSTER, [(bridge_host, bridge_port)], http2=False, lb_policy="ROUND_ROBIN")],
         grpc_cluster=GRPC_CLUSTER, affinity_cluster=AFFINITY_CLUSTER, affinity_header=AFFINITY_HEADER,
-        health_service=HEALTH_SERVICE, health_check_interval_s=_duration(health_check_interval_s),
-        health_check_timeout_s=_duration(min(health_check_interval_s, 5.0)), bridge_cluster=BRIDGE_CLUSTER, descriptor_path=str(descriptor_path),
+        bridge_cluster=BRIDGE_CLUSTER, health_service=HEALTH_SERVICE,
+        health_check_interval_s=_duration(health_check_interval_s),
+        health_check_timeout_s=_duration(min(health_check_interval_s, 5.0)), descriptor_path=str(descriptor_path),
         service_name=SERVICE_NAME, transcoder_name=TRANSCODER, metadata_namespace=METADATA_NAMESPACE,
         max_request_bytes=int(max_request_bytes), unary_timeout_s=int(unary_timeout_s),
         stream_idle_timeout_s=int(stream_idle_timeout_s),
