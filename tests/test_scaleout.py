@@ -299,12 +299,17 @@ def test_a_draining_replica_gets_nothing_new_while_its_streams_finish(tmp_path):
             await wait_running(cluster, {draining: 3})
             t_sigterm = time.monotonic()
             victim.proc.process.send_signal(signal.SIGTERM)
-            # Envoy marks it unhealthy (failed active health check) in both clusters
+            # until Envoy marks it unhealthy (failed active health check) in both clusters, requests keep coming:
+            # the draining replica refuses new RPCs and Envoy retries them on another one
+            in_window = []
             while not all("failed_active_hc" in cluster.envoy_hosts(c).get(victim.address, "")
                           for c in (envoy_config.GRPC_CLUSTER, envoy_config.AFFINITY_CLUSTER)):
                 assert time.monotonic() - t_sigterm < 4 * HEALTH_INTERVAL_S + 5, cluster.envoy_hosts()
-                await asyncio.sleep(0.02)
+                in_window += await post_many(cluster.envoy.base_url,
+                                             [chat_body()] * 6 + [chat_body(prompt_cache_key=victim_key)] * 3)
             t_out = time.monotonic() - t_sigterm
+            assert in_window and all(r.status_code == 200 for r in in_window), \
+                [r.text for r in in_window if r.status_code != 200]
             served_before = victim.served()
             # new requests, keyless and with the draining replica's own key: all served, none by it
             bodies = [chat_body() for _ in range(45)] + [chat_body(prompt_cache_key=victim_key) for _ in range(15)]
@@ -313,15 +318,16 @@ def test_a_draining_replica_gets_nothing_new_while_its_streams_finish(tmp_path):
             assert victim.served() == served_before, "a draining replica got new requests"
             results = await asyncio.gather(*streams)
             t_streams = time.monotonic() - t_sigterm
-            return t_out, t_streams, results
+            return t_out, t_streams, results, len(in_window)
 
-        t_out, t_streams, results = asyncio.run(scenario())
+        t_out, t_streams, results, window_count = asyncio.run(scenario())
         for text, finish in results:  # the three streams on the draining replica finished whole
             assert len(text) == REPLY_CHARS and finish == "stop", (len(text), finish)
         assert victim.proc.process.wait(timeout=30) == 0  # drained and exited cleanly
         print(f"\ndrain: SIGTERM -> Envoy stops sending to the replica after {t_out:.2f} s "
               f"(health check every {HEALTH_INTERVAL_S:.0f} s, 2 failures); its 3 streams finished "
-              f"{t_streams:.2f} s after SIGTERM; 60 new requests all served by the other two")
+              f"{t_streams:.2f} s after SIGTERM; {window_count} requests sent meanwhile all succeeded; 60 new requests "
+              f"after it all served by the other two")
 
 
 def test_a_killed_replica_loses_only_its_in_flight_requests(tmp_path):
