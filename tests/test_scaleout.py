@@ -96,7 +96,7 @@ def start_replica(tmp: Path, name: str, step_delay_s: float | None, grace_s: flo
 
 @contextlib.contextmanager
 def run_cluster(tmp: Path, *, step_delay_s: float | None = 0.002, grace_s: float = 30.0, count: int = 3,
-                ready_timeout_s: float = 60):
+                ready_timeout_s: float = 60, **envoy_options):
     replicas: list[Replica] = []
     bridge = None
     try:
@@ -111,7 +111,7 @@ def run_cluster(tmp: Path, *, step_delay_s: float | None = 0.002, grace_s: float
         wait_until(http_ok(f"http://{HOST}:{bridge_port}/health"), bridge, 60, "healthy")
         with run_envoy(tmp, grpc_port=0, bridge_port=bridge_port,
                        grpc_upstreams=[(HOST, r.grpc_port) for r in replicas],
-                       health_check_interval_s=HEALTH_INTERVAL_S) as envoy:
+                       health_check_interval_s=HEALTH_INTERVAL_S, **envoy_options) as envoy:
             cluster = Cluster(replicas, envoy, bridge, bridge_port)
             # Envoy starts with every host unchecked: wait until it has seen all of them healthy
             wait_until(lambda: list(cluster.envoy_hosts().values()) == ["healthy"] * count
@@ -271,6 +271,33 @@ def test_affinity_sources_user_client_and_grpc_metadata(tmp_path):
         spread = delta(before, cluster.served())
         print(f"\n30 SSE streams via the bridge (round_robin per call): {spread}")
         assert sum(spread) == 30 and all(spread), spread
+
+
+def test_api_clients_stick_by_their_key(tmp_path):
+    """With API keys, Envoy's api_key_auth derives x-client-id from the Bearer key: without a prompt_cache_key or
+    user, each client's requests stay on one replica; a prompt_cache_key still overrides it."""
+    keys = {f"sk-scaleout-{n}": f"team-{n}" for n in range(6)}
+    with run_cluster(tmp_path, api_keys=keys) as cluster:
+        owners = {}
+        for key in keys:
+            before = cluster.served()
+            responses = asyncio.run(post_many(cluster.envoy.base_url, [chat_body() for _ in range(8)],
+                                              headers={"authorization": f"Bearer {key}"}))
+            assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
+            moved = delta(before, cluster.served())
+            assert sorted(moved) == [0, 0, 8], (key, moved)
+            owners[key] = moved.index(8)
+        print(f"\n6 API clients x 8 requests: replica per client {list(owners.values())}")
+        # a prompt_cache_key beats the client: one key from two clients lands on one replica
+        before = cluster.served()
+        for key in list(keys)[:2]:
+            asyncio.run(post_many(cluster.envoy.base_url, [chat_body(prompt_cache_key="shared") for _ in range(4)],
+                                  headers={"authorization": f"Bearer {key}"}))
+        assert sorted(delta(before, cluster.served())) == [0, 0, 8]
+        # no key at all: Envoy refuses before any replica sees the request
+        before = cluster.served()
+        assert httpx.post(f"{cluster.envoy.base_url}/v1/chat/completions", json=chat_body()).status_code == 401
+        assert cluster.served() == before
 
 
 def test_a_draining_replica_gets_nothing_new_while_its_streams_finish(tmp_path):
