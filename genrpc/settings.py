@@ -91,8 +91,10 @@ class Settings(BaseSettings):
                                                       "engine, the others attach as its tokenizer workers")
     worker_of: int = Field(0, description="set for a worker process by the process supervising --service-workers or "
                                           "--bridge-workers (its pid): the worker serves instead of supervising")
-    sglang_attach_pid: int = Field(0, description="SGLang: attach to the engine built by this process (set for "
-                                                  "service workers 1..N-1 under --service-workers N)")
+    sglang_attach_pid: int = Field(0, description="SGLang: attach to the engine held by this process (set for the "
+                                                  "serving workers of --service-workers N)")
+    sglang_engine_host: bool = Field(False, description="SGLang: only build and hold the engine for the serving "
+                                                        "workers of --service-workers N (set by the supervisor)")
     bridge_workers: int = Field(1, ge=1, description="SSE bridge processes sharing --bridge-port (SO_REUSEPORT); "
                                                      "the kernel spreads Envoy's connections over them")
 

@@ -115,3 +115,20 @@ async def serve(settings: Settings) -> None:
         starting.cancel()
     log.info("draining (up to %.0f s)", settings.shutdown_grace_s)
     await server.stop()
+
+
+async def host_sglang_engine(settings: Settings) -> None:
+    """`genrpc serve` as the SGLang engine host of `--service-workers N` (see SGLangEngine.host): builds the engine
+    with N tokenizer workers, then waits for SIGINT/SIGTERM and shuts it down. The N serving workers attach to it."""
+    from genrpc.service.engines.factory import sglang_config
+    from genrpc.service.engines.sglang_engine import SGLangEngine
+
+    engine = SGLangEngine(sglang_config(settings))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    engine.host()  # on the loop's thread, as SGLang needs (see sglang_engine's module docstring)
+    log.info("SGLang engine hosted for %d service workers", settings.service_workers)
+    await stop.wait()
+    await engine.shutdown()
