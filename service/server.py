@@ -15,6 +15,7 @@ from genrpc.settings import Settings
 from genrpc.v1 import generation_service_pb2, generation_service_pb2_grpc
 from genrpc.service.engines.base import Engine
 from genrpc.service.metrics import ServiceMetrics
+from genrpc.service.response_store import ResponseStore
 from genrpc.service.servicer import GenerationServicer
 
 log = logging.getLogger("genrpc.service")
@@ -44,7 +45,9 @@ class GenrpcServer:
             from genrpc.service.engines.sglang_engine import register_sglang_metrics
 
             register_sglang_metrics(self.metrics.registry)  # SGLang's scheduler metrics beside genrpc's own
-        self.servicer = GenerationServicer(engine, self.metrics, default_max_tokens=settings.default_max_tokens)
+        self.response_store = ResponseStore(settings.cache_dir / "responses.sqlite3", settings.responses_retention_s)
+        self.servicer = GenerationServicer(engine, self.metrics, default_max_tokens=settings.default_max_tokens,
+                                           response_store=self.response_store)
         self.health = health.aio.HealthServicer()
         self.grpc_server = grpc.aio.server(options=[
             ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
@@ -83,6 +86,7 @@ class GenrpcServer:
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.grpc_server.stop(self.settings.shutdown_grace_s if grace_s is None else grace_s)
         await self.engine.shutdown()
+        self.response_store.close()
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()
