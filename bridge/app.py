@@ -286,11 +286,12 @@ def create_app(settings: Any) -> Starlette:
             if channel is not None:
                 await channel.close()
 
-    from genrpc.bridge import dashscope  # imports helpers from this module
+    from genrpc.bridge import dashscope, responses_sse  # they import helpers from this module
 
     routes = [Route("/health", health, methods=["GET"])]
     routes += [Route(path, endpoint_handler(ep), methods=["POST"]) for path, ep in ENDPOINTS.items()]
     routes += dashscope.routes(stub)  # DashScope-style route (docs/dashscope.md)
+    routes += responses_sse.routes(stub)  # POST /v1/responses (OpenAI Responses API SSE)
     app = Starlette(routes=routes, lifespan=lifespan,
                     exception_handlers={404: not_found, 405: method_not_allowed, 500: server_error})
     app.state.grpc_target = target

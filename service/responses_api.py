@@ -509,7 +509,7 @@ class ResponsesMixin:
         response.usage.CopyFrom(responses_pb2.ResponseUsage(
             input_tokens=prepared.prompt_tokens, output_tokens=completion_tokens,
             total_tokens=prepared.prompt_tokens + completion_tokens,
-            input_tokens_details=responses_pb2.ResponseInputTokensDetails(cached_tokens=cached),
+            input_tokens_details=responses_pb2.ResponseInputTokensDetails(cached_tokens=cached, cache_write_tokens=0),
             output_tokens_details=responses_pb2.ResponseOutputTokensDetails(reasoning_tokens=0)))
         if response.store:
             await self._save(run)
