@@ -248,3 +248,62 @@ async def test_tokenize_detokenize(served):
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await stub.Detokenize(responses_pb2.DetokenizeRequest(tokens=[-1]))
     assert bad_field(caught.value) == "tokens"
+
+
+class FailingEngine(ScriptedEngine):
+    """Fails after its first token, like an engine that dies mid-stream."""
+
+    async def generate(self, request):
+        async for delta in super().generate(request):
+            yield delta
+            raise RuntimeError("the engine fell over")
+
+
+async def test_failure_after_start_is_error_then_failed_event(tmp_path):
+    server, channel = await _serve(tmp_path, FailingEngine(reply=REPLY, context_length=4096))
+    try:
+        stub = generation_service_pb2_grpc.GenerationServiceStub(channel)
+        events = [e async for e in stub.StreamResponse(req(stream=True))]
+        kinds = [e.WhichOneof("event") for e in events]
+        assert kinds == ["created", "in_progress", "output_item_added", "content_part_added", "output_text_delta",
+                         "error", "failed"]
+        assert events[-2].error.code == "ENGINE_FAILURE" and "fell over" in events[-2].error.message
+        failed = events[-1].failed
+        assert failed.sequence_number == 6 and failed.response.status == "failed"
+        assert json_format.MessageToDict(failed.response.error)["code"] == "server_error"
+        with pytest.raises(grpc.aio.AioRpcError) as caught:  # a failed response is not stored
+            await stub.GetResponse(responses_pb2.GetResponseRequest(response_id=failed.response.id))
+        assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    finally:
+        await channel.close()
+        await server.stop(0)
+
+
+async def test_real_model_create_stream_and_counts(tmp_path):
+    """The bundled SmolLM2 on the reference engine: text, a stream, and counts equal to usage."""
+    from genrpc.service.engines.reference.engine import ReferenceEngine
+
+    engine = ReferenceEngine(Settings(max_batch_size=2))  # default cache_dir: the converted model is reused
+    server, channel = await _serve(tmp_path, engine)
+    try:
+        stub = generation_service_pb2_grpc.GenerationServiceStub(channel)
+        model = engine.model_info.model_id
+        request = req(model=model, input="What is the capital of France?", instructions="Answer briefly.",
+                      max_output_tokens=12, temperature=0)
+        response = await stub.CreateResponse(request)
+        assert response.status in ("completed", "incomplete") and response.output[0].content[0].text.strip()
+        assert 0 < response.usage.output_tokens <= 12
+        count = await stub.CountInputTokens(request)
+        tokens = await stub.Tokenize(json_format.ParseDict({"messages": [
+            {"role": "system", "content": "Answer briefly."},
+            {"role": "user", "content": "What is the capital of France?"}]}, responses_pb2.TokenizeRequest()))
+        assert response.usage.input_tokens == count.input_tokens == tokens.count
+        request.stream = True
+        events = [e async for e in stub.StreamResponse(request)]
+        final = getattr(events[-1], events[-1].WhichOneof("event")).response
+        text = "".join(e.output_text_delta.delta for e in events if e.WhichOneof("event") == "output_text_delta")
+        assert text == final.output[0].content[0].text == response.output[0].content[0].text  # greedy: same text
+        assert final.usage == response.usage
+    finally:
+        await channel.close()
+        await server.stop(0)
