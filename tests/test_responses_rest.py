@@ -147,3 +147,30 @@ async def test_tokenize_detokenize(envoy):
         assert text == {"prompt": "<user>hi<assistant>"}
         bad = await http.post("/detokenize", json={"tokens": [-5]})
         assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
+
+
+async def test_input_items_paging_over_rest(client):
+    response = await client.responses.create(model="scripted", input=[
+        {"role": "user", "content": "one"}, {"role": "assistant", "content": "two"},
+        {"role": "user", "content": "three"}])
+    page = await client.responses.input_items.list(response.id, limit=2, order="asc")
+    assert [i.content[0].text for i in page.data] == ["one", "two"] and page.has_more
+    rest = await client.responses.input_items.list(response.id, limit=2, order="asc", after=page.last_id)
+    assert [i.content[0].text for i in rest.data] == ["three"] and not rest.has_more
+
+
+async def test_new_routes_need_the_api_key(tmp_path, service):
+    with run_envoy(tmp_path, grpc_port=service[1], bridge_port=1, api_keys={"sk-test-123456": "team-a"}) as envoy:
+        async with httpx.AsyncClient(base_url=envoy.base_url, timeout=30) as http:
+            for method, path, body in (("POST", "/v1/responses", {"model": "scripted", "input": "hi"}),
+                                       ("POST", "/v1/responses", {"model": "scripted", "input": "hi",
+                                                                  "stream": True}),
+                                       ("GET", "/v1/responses/resp_x", None),
+                                       ("POST", "/v1/responses/input_tokens", {"input": "hi"}),
+                                       ("POST", "/tokenize", {"prompt": "hi"})):
+                refused = await http.request(method, path, json=body)
+                assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_api_key"
+            ok = await http.post("/v1/responses/input_tokens", json={"input": "hi"},
+                                 headers={"authorization": "Bearer sk-test-123456"})
+            assert ok.status_code == 200 and ok.json() == {"object": "response.input_tokens",
+                                                           "input_tokens": len("<user>hi<assistant>")}
