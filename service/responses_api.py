@@ -26,6 +26,8 @@ from genrpc.service.errors import InvalidArgument, ModelNotFound, ServiceError, 
     from_engine_error
 from genrpc.service.response_store import ResponseStore, StoredResponse
 from genrpc.service.responses import NULL, json_value, string_value
+# Chat's canonical JSON (deterministic key order for prompts and grammars), so tools render exactly as in chat.
+from genrpc.service.validation import _to_python as canonical_json
 
 MAX_METADATA_KEYS = 16
 MAX_INPUT_ITEMS_PAGE = 100
@@ -173,18 +175,13 @@ def _input_messages(value: Any, allow_images: bool) -> tuple[list[dict[str, Any]
                     raise InvalidArgument(f"{name}.{key}", f"'{name}.{key}' is required (a string).")
             call = {"id": item["call_id"], "type": "function",
                     "function": {"name": item["name"], "arguments": item["arguments"]}}
-            previous = messages[-1] if messages else None
-            if previous is not None and previous["role"] == "assistant" and sources[-1].startswith("input["):
-                previous.setdefault("tool_calls", []).append(call)  # one assistant turn: text, then its calls
-                if previous.get("content") == "":
-                    previous["content"] = None
-            else:
-                messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
-            items.append(_input_item(item, kind))
-            if previous is not None and messages[-1] is previous:
+            if messages and messages[-1]["role"] == "assistant":
+                # One assistant turn: its text, then its calls (OpenAI lists them as separate items).
+                messages[-1].setdefault("tool_calls", []).append(call)
+                messages[-1]["content"] = messages[-1]["content"] or None
+                items.append(_input_item(item, kind))
                 continue
-            sources.append(name)
-            continue
+            messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
         elif kind == "function_call_output":
             output = item.get("output")
             if isinstance(output, list):
@@ -211,14 +208,15 @@ def _tools(request: responses_pb2.CreateResponseRequest) -> tuple[list[dict[str,
     """(the Responses tools as given, the same tools in chat shape)."""
     given, chat_tools = [], []
     for index, tool in enumerate(request.tools):
-        data = validation._to_python(tool)
+        data = canonical_json(tool)
         kind = data.get("type")
         if kind != "function":
             raise UnsupportedParameter(f"tools[{index}].type", f"'tools[{index}].type' is {kind!r}: built-in tools "
                                                                "are not supported; only 'function' tools are.")
         function = {k: data[k] for k in ("name", "description", "parameters", "strict") if data.get(k) is not None}
+        # Echoed as given: `strict` is not enforced under tool_choice auto (as in chat), so no default is claimed.
         given.append({"type": "function", "name": data.get("name", ""), "description": data.get("description"),
-                      "parameters": data.get("parameters"), "strict": data.get("strict", True)})
+                      "parameters": data.get("parameters"), "strict": data.get("strict")})
         chat_tools.append({"type": "function", "function": function})
     return given, chat_tools
 
@@ -244,7 +242,7 @@ def _text_format(request: responses_pb2.CreateResponseRequest) -> tuple[dict[str
                                                      "is refused rather than ignored.")
     if not request.text.HasField("format"):
         return {"format": {"type": "text"}}, None
-    fmt = validation._to_python(request.text.format)
+    fmt = canonical_json(request.text.format)
     kind = fmt.get("type")
     if kind == "text":
         return {"format": {"type": "text"}}, None

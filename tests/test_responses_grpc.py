@@ -307,3 +307,18 @@ async def test_real_model_create_stream_and_counts(tmp_path):
     finally:
         await channel.close()
         await server.stop(0)
+
+
+async def test_stateless_round_trip_with_function_call_items(served):
+    engine, stub = served
+    response = await stub.CreateResponse(req(store=False, tools=[TOOL], input=[
+        {"role": "user", "content": "Weather in Paris?"},
+        {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": '{"city": "Paris"}'},
+        {"type": "function_call_output", "call_id": "call_1", "output": "sunny"}]))
+    assert response.store is False and response.output[0].content[0].text == REPLY
+    templated = engine.tokenizer.templated[-1]
+    assert [m["role"] for m in templated] == ["system", "user", "assistant", "user"]
+    assert '"name": "get_weather"' in templated[2]["content"] and "sunny" in templated[3]["content"]
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.CreateResponse(req(input=[{"type": "function_call", "name": "f", "arguments": "{}"}]))
+    assert bad_field(caught.value) == "input[0].call_id"

@@ -210,7 +210,9 @@ class GenerationServiceServicer:
 
         Validation errors end the call with a status and no events, as for CreateResponse. Then, with
         sequence_number 0, 1, 2, ...:
-        1. created, 2. in_progress (response.status `in_progress`, empty output);
+        1. created, 2. in_progress (response.status `in_progress`, empty output), both sent once the engine
+        produced its first output, so that failures before it (queue full, engine errors) also end the
+        call with a status and no events;
         3. if the model writes text: output_item_added (message, output_index 0), content_part_added,
         output_text_delta per piece, output_text_done, content_part_done, output_item_done;
         4. per tool call: output_item_added (function_call, empty arguments), one
