@@ -174,3 +174,21 @@ async def test_new_routes_need_the_api_key(tmp_path, service):
                                  headers={"authorization": "Bearer sk-test-123456"})
             assert ok.status_code == 200 and ok.json() == {"object": "response.input_tokens",
                                                            "input_tokens": len("<user>hi<assistant>")}
+
+
+def test_real_model_through_the_whole_stack(stack):
+    """`genrpc up` (the real model, Envoy, bridge): create, stream, retrieve, count, with the strict SDK."""
+    client = openai.OpenAI(base_url=stack.openai_base_url, api_key="unused", max_retries=0, timeout=120,
+                           _strict_response_validation=True)
+    kwargs = dict(model=stack.model, input="Name a colour.", max_output_tokens=8, temperature=0)
+    response = client.responses.create(**kwargs)
+    assert response.status in ("completed", "incomplete") and response.output_text.strip()
+    count = client.responses.input_tokens.count(model=stack.model, input=kwargs["input"])
+    assert count.input_tokens == response.usage.input_tokens
+    assert client.responses.retrieve(response.id).output_text == response.output_text
+    with client.responses.stream(**kwargs) as stream:
+        events = [event for event in stream]
+    final = events[-1].response  # get_final_response() needs response.completed; max_output_tokens may cut it
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert events[0].type == "response.created" and events[-1].type == f"response.{final.status}"
+    assert final.output_text == response.output_text  # greedy: the same text streamed and unary
