@@ -23,7 +23,8 @@ CREATE TABLE IF NOT EXISTS responses (
     response TEXT NOT NULL,      -- the Response object's JSON (protobuf JSON mapping)
     input_items TEXT NOT NULL,   -- the request's own input items (ResponseItem JSON), oldest first
     conversation TEXT NOT NULL   -- chat messages of the whole chain, output included, for continuation
-)
+);
+CREATE INDEX IF NOT EXISTS responses_expiry ON responses (expires_at);
 """
 
 
@@ -48,7 +49,7 @@ class ResponseStore:
             connection = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
             connection.execute("PRAGMA journal_mode=WAL")  # several processes may share one file
             connection.execute("PRAGMA busy_timeout=5000")
-            connection.execute(_SCHEMA)
+            connection.executescript(_SCHEMA)
             self._connection = connection
         return self._connection
 

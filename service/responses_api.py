@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import sqlite3
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -58,6 +59,18 @@ class ResponseNotFound(ServiceError):
                          "created with 'store': false, was deleted, or its retention ended).",
                          field_violations=[(param, "unknown response id")],
                          metadata={"param": param, "response_id": response_id})
+
+
+class StoreFailure(ServiceError):
+    reason = "RESPONSE_STORE_FAILURE"
+
+
+async def _in_store(call, *args):
+    """Runs a blocking store call in a thread; SQLite failures (disk full, unwritable cache_dir) say so."""
+    try:
+        return await asyncio.to_thread(call, *args)
+    except (sqlite3.Error, OSError) as exc:
+        raise StoreFailure(f"The response store failed: {exc}. Send 'store': false to skip it.") from exc
 
 
 def _hex() -> str:
@@ -378,7 +391,7 @@ class ResponsesMixin:
         return self._response_store
 
     async def _stored(self, response_id: str, param: str) -> StoredResponse:
-        stored = await asyncio.to_thread(self._store().get, response_id) if response_id else None
+        stored = await _in_store(self._store().get, response_id) if response_id else None
         if stored is None:
             raise ResponseNotFound(response_id, param)
         return stored
@@ -525,7 +538,7 @@ class ResponsesMixin:
             reply["tool_calls"] = calls
         stored = StoredResponse(json_format.MessageToDict(run.response, preserving_proto_field_name=True),
                                 run.converted.input_items, [*run.converted.conversation, reply])
-        await asyncio.to_thread(self._store().put, run.response.id, stored)
+        await _in_store(self._store().put, run.response.id, stored)
 
     # ---- RPCs ------------------------------------------------------------------------------------------
 
@@ -588,7 +601,7 @@ class ResponsesMixin:
     async def DeleteResponse(self, request, context):
         async def body():
             self._check_ready()
-            if not request.response_id or not await asyncio.to_thread(self._store().delete, request.response_id):
+            if not request.response_id or not await _in_store(self._store().delete, request.response_id):
                 raise ResponseNotFound(request.response_id, "response_id")
             yield responses_pb2.DeleteResponseResult(id=request.response_id, object="response", deleted=True)
         return await self._single("DeleteResponse", context, body)

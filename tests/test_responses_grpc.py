@@ -322,3 +322,32 @@ async def test_stateless_round_trip_with_function_call_items(served):
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await stub.CreateResponse(req(input=[{"type": "function_call", "name": "f", "arguments": "{}"}]))
     assert bad_field(caught.value) == "input[0].call_id"
+
+
+def test_store_retention(tmp_path, monkeypatch):
+    from genrpc.service import response_store
+
+    store = response_store.ResponseStore(tmp_path / "r.sqlite3", retention_s=10)
+    store.put("resp_1", response_store.StoredResponse({"id": "resp_1"}, [], []))
+    assert store.get("resp_1").response == {"id": "resp_1"}
+    now = response_store.time.time()
+    monkeypatch.setattr(response_store.time, "time", lambda: now + 11)
+    assert store.get("resp_1") is None and not store.delete("resp_1")  # expired: never returned
+    store.put("resp_2", response_store.StoredResponse({"id": "resp_2"}, [], []))  # purges the expired row
+    assert store._db().execute("SELECT id FROM responses").fetchall() == [("resp_2",)]
+    store.close()
+
+
+async def test_unwritable_store_is_a_clear_error(tmp_path):
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    server, channel = await _serve(not_a_dir, ScriptedEngine(reply=REPLY, context_length=4096))
+    try:
+        stub = generation_service_pb2_grpc.GenerationServiceStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.CreateResponse(req())
+        assert caught.value.code() == grpc.StatusCode.INTERNAL and "response store" in caught.value.details()
+        assert (await stub.CreateResponse(req(store=False))).status == "completed"
+    finally:
+        await channel.close()
+        await server.stop(0)
