@@ -213,11 +213,13 @@ class GenerationServiceServicer:
         1. created, 2. in_progress (response.status `in_progress`, empty output), both sent once the engine
         produced its first output, so that failures before it (queue full, engine errors) also end the
         call with a status and no events;
-        3. if the model writes text: output_item_added (message, output_index 0), content_part_added,
+        3. per output item, in the order the model writes them (output_index 0, 1, ...):
+        text: output_item_added (message, empty content), content_part_added (output_text ""),
         output_text_delta per piece, output_text_done, content_part_done, output_item_done;
-        4. per tool call: output_item_added (function_call, empty arguments), one
-        function_call_arguments_delta, function_call_arguments_done, output_item_done;
-        5. completed, or incomplete (incomplete_details.reason `max_output_tokens`), with output and usage.
+        a tool call: output_item_added (function_call, empty arguments), one
+        function_call_arguments_delta (the whole arguments), function_call_arguments_done,
+        output_item_done; a response with neither still has one (empty) message item;
+        4. completed, or incomplete (incomplete_details.reason `max_output_tokens`), with output and usage.
         The stream then ends with OK. A failure after `created` sends an `error` event and a `failed` event
         (response.error set) and ends with OK, so SSE clients see it; the response is then not stored.
         Cancelling the call stops the generation within one decode step and frees its batch slot; nothing
