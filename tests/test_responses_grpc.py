@@ -351,3 +351,48 @@ async def test_unwritable_store_is_a_clear_error(tmp_path):
     finally:
         await channel.close()
         await server.stop(0)
+
+
+async def test_text_then_tool_call_items_in_order(tmp_path):
+    engine = ScriptedEngine(reply="Let me check." + TOOL_REPLY, context_length=4096)
+    server, channel = await _serve(tmp_path, engine)
+    try:
+        stub = generation_service_pb2_grpc.GenerationServiceStub(channel)
+        events = [e async for e in stub.StreamResponse(req(stream=True, tools=[TOOL]))]
+        kinds = [e.WhichOneof("event") for e in events]
+        deltas = kinds.count("output_text_delta")
+        assert kinds == ["created", "in_progress", "output_item_added", "content_part_added",
+                         *["output_text_delta"] * deltas, "output_text_done", "content_part_done", "output_item_done",
+                         "output_item_added", "function_call_arguments_delta", "function_call_arguments_done",
+                         "output_item_done", "completed"]
+        final = events[-1].completed.response
+        assert [i.type for i in final.output] == ["message", "function_call"]
+        assert final.output[0].content[0].text == "Let me check."
+        assert [events[i].output_item_added.output_index for i, k in enumerate(kinds)
+                if k == "output_item_added"] == [0, 1]
+        unary = await stub.CreateResponse(req(tools=[TOOL]))
+        assert [i.type for i in unary.output] == ["message", "function_call"]
+    finally:
+        await channel.close()
+        await server.stop(0)
+
+
+async def test_input_image_reaches_a_vision_engine(tmp_path):
+    engine = ScriptedEngine(reply=REPLY, context_length=4096, accepts_images=True)
+    server, channel = await _serve(tmp_path, engine)
+    try:
+        stub = generation_service_pb2_grpc.GenerationServiceStub(channel)
+        url = "https://example.com/cat.png"
+        response = await stub.CreateResponse(req(input=[{"role": "user", "content": [
+            {"type": "input_text", "text": "What is this?"}, {"type": "input_image", "image_url": url}]}]))
+        assert engine.requests[-1].images == (url,) and response.status == "completed"
+        items = await stub.ListInputItems(responses_pb2.ListInputItemsRequest(response_id=response.id))
+        assert [p.type for p in items.data[0].content] == ["input_text", "input_image"]
+        assert items.data[0].content[1].image_url == url
+        with pytest.raises(grpc.aio.AioRpcError) as caught:  # the chat path's image rules, Responses names
+            await stub.CreateResponse(req(input=[{"role": "user", "content": [
+                {"type": "input_image", "image_url": "file:///etc/passwd"}]}]))
+        assert bad_field(caught.value) == "input[0].content[0].image_url.url"
+    finally:
+        await channel.close()
+        await server.stop(0)

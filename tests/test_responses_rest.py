@@ -192,3 +192,16 @@ def test_real_model_through_the_whole_stack(stack):
     assert [e.sequence_number for e in events] == list(range(len(events)))
     assert events[0].type == "response.created" and events[-1].type == f"response.{final.status}"
     assert final.output_text == response.output_text  # greedy: the same text streamed and unary
+
+
+def test_error_frame_is_an_sdk_error_event():
+    from openai.types.responses import ResponseErrorEvent
+
+    from genrpc.bridge.errors import http_error
+    from genrpc.bridge.responses_sse import error_frame
+
+    frame = error_frame(http_error(503, "The service is shutting down."), 7).decode()
+    event_line, data_line, *_ = frame.split("\n")
+    assert event_line == "event: error" and frame.endswith("\n\n")
+    event = ResponseErrorEvent.model_validate(json.loads(data_line.removeprefix("data: ")))
+    assert event.sequence_number == 7 and event.message == "The service is shutting down."
