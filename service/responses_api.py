@@ -578,7 +578,7 @@ class ResponsesMixin:
                         yield Event(in_progress=responses_pb2.ResponseLifecycleEvent(
                             type="response.in_progress", sequence_number=1, response=run.response))
                     yield event
-        except (ServiceError, Exception) as exc:  # noqa: BLE001 - after the start, failures are events
+        except Exception as exc:  # noqa: BLE001 - after the start, failures are events (cancel is not caught)
             if not started:
                 raise
             error = from_engine_error(exc)
