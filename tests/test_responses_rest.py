@@ -4,6 +4,7 @@ real gRPC server (scripted engine, in process)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import httpx
@@ -34,15 +35,20 @@ async def service(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-async def envoy(tmp_path_factory, service):
+async def bridge_url(service):
     settings, bridge, task = await start_bridge(service[1])
     try:
-        with run_envoy(tmp_path_factory.mktemp("envoy"), grpc_port=service[1],
-                       bridge_port=settings.bridge_port) as handle:
-            yield handle
+        yield f"http://{HOST}:{settings.bridge_port}"
     finally:
         bridge.should_exit = True
         await task
+
+
+@pytest.fixture(scope="module")
+async def envoy(tmp_path_factory, service, bridge_url):
+    with run_envoy(tmp_path_factory.mktemp("envoy"), grpc_port=service[1],
+                   bridge_port=int(bridge_url.rsplit(":", 1)[1])) as handle:
+        yield handle
 
 
 @pytest.fixture
@@ -123,6 +129,49 @@ async def test_stream_tool_call_events(client, service):
     assert events[-1].response.output[0].type == "function_call"
 
 
+@pytest.fixture
+def slow_engine(service):
+    engine = service[0]
+    engine.reply, engine.step_delay_s = "x" * 400, 0.02
+    yield engine
+    engine.reply, engine.step_delay_s = REPLY, 0.0
+
+
+async def _wait_idle(engine, timeout_s: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while engine.running and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.01)
+
+
+async def test_client_disconnect_frees_the_slot(envoy, slow_engine):
+    """A streamed response whose client leaves (through Envoy's stream route and the bridge's stream core)."""
+    closed_before = len(slow_engine.closed_early)
+    async with httpx.AsyncClient(base_url=envoy.base_url, timeout=30) as http:
+        async with http.stream("POST", "/v1/responses", json={"model": "scripted", "input": "hi",
+                                                              "stream": True}) as response:
+            assert response.headers["content-type"].startswith("text/event-stream")
+            async for line in response.aiter_lines():
+                if line == "event: response.output_text.delta":
+                    break
+    await _wait_idle(slow_engine)
+    assert slow_engine.running == 0 and len(slow_engine.closed_early) == closed_before + 1
+
+
+async def test_deadline_after_start_is_an_error_event(bridge_url, slow_engine):
+    """The core's deadline (Envoy's expected-timeout header) cuts the stream: one `error` event, numbered next."""
+    async with httpx.AsyncClient(base_url=bridge_url, timeout=30) as http:
+        response = await http.post("/v1/responses", json={"model": "scripted", "input": "hi", "stream": True},
+                                   headers={"x-envoy-expected-rq-timeout-ms": "300"})
+    frames = [frame.split("\n") for frame in response.text.split("\n\n") if frame]
+    events = [(kind.removeprefix("event: "), json.loads(data.removeprefix("data: "))) for kind, data in frames]
+    assert [kind for kind, _ in events[:2]] == ["response.created", "response.in_progress"]
+    kind, error = events[-1]
+    assert kind == "error" and error["code"] == "timeout" and "response.completed" not in [k for k, _ in events]
+    assert [data["sequence_number"] for _, data in events] == list(range(len(events)))
+    await _wait_idle(slow_engine)
+    assert slow_engine.running == 0
+
+
 async def test_refusals_are_openai_400s(client):
     for kwargs, param in (({"background": True}, "background"),
                           ({"tools": [{"type": "web_search"}]}, "tools[0].type"),
@@ -159,13 +208,21 @@ async def test_input_items_paging_over_rest(client):
     assert [i.content[0].text for i in rest.data] == ["three"] and not rest.has_more
 
 
-async def test_new_routes_need_the_api_key(tmp_path, service):
-    with run_envoy(tmp_path, grpc_port=service[1], bridge_port=1, api_keys={"sk-test-123456": "team-a"}) as envoy:
+async def test_new_routes_need_the_api_key_and_allow_cors(tmp_path, service):
+    origin = "https://app.example.com"
+    with run_envoy(tmp_path, grpc_port=service[1], bridge_port=1, api_keys={"sk-test-123456": "team-a"},
+                   cors_allowed_origins=[origin]) as envoy:
         async with httpx.AsyncClient(base_url=envoy.base_url, timeout=30) as http:
+            preflight = await http.options("/v1/responses/resp_x", headers={
+                "origin": origin, "access-control-request-method": "DELETE"})
+            assert preflight.status_code == 200 and preflight.headers["access-control-allow-origin"] == origin
+            assert "DELETE" in {m.strip() for m in preflight.headers["access-control-allow-methods"].split(",")}
             for method, path, body in (("POST", "/v1/responses", {"model": "scripted", "input": "hi"}),
                                        ("POST", "/v1/responses", {"model": "scripted", "input": "hi",
                                                                   "stream": True}),
                                        ("GET", "/v1/responses/resp_x", None),
+                                       ("DELETE", "/v1/responses/resp_x", None),
+                                       ("GET", "/v1/responses/resp_x/input_items", None),
                                        ("POST", "/v1/responses/input_tokens", {"input": "hi"}),
                                        ("POST", "/tokenize", {"prompt": "hi"})):
                 refused = await http.request(method, path, json=body)
