@@ -1,7 +1,8 @@
 """The Responses API store: stored responses, their input items and the conversation that led to them.
 
-An embedded SQLite file (stdlib sqlite3, WAL mode) under the cache directory, one per replica: a response is
-found only on the replica that created it (README "Responses API", several replicas). Rows expire after the
+An embedded SQLite file (stdlib sqlite3, WAL mode) under the cache directory, one per replica (the service
+workers of one replica share it): a response is found only on the replica that created it (README "Responses
+API", several replicas). Rows expire after the
 retention; expired rows are never returned and are purged on the next write. Calls block, so the servicer
 runs them in a thread.
 """

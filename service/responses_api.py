@@ -287,7 +287,7 @@ def _refusals(request: responses_pb2.CreateResponseRequest) -> None:
 
 
 _COPIED = ("temperature", "top_p", "parallel_tool_calls", "seed", "stop", "top_k", "min_p", "repetition_penalty",
-           "frequency_penalty", "presence_penalty", "truncation")
+           "frequency_penalty", "presence_penalty", "truncation", "stream_interval")
 
 
 def convert(request: responses_pb2.CreateResponseRequest, history: list[dict[str, Any]],
@@ -381,7 +381,7 @@ class _Run:
 
 class ResponsesMixin:
     """GenerationService's Responses API, tokenizer and store RPCs (mixed into GenerationServicer, whose
-    `_prepare_chat`, `_events` and `_render_chat` it uses)."""
+    `_prepare_chat`, `_events`, `_request_stream_interval` and `_render_chat` it uses)."""
 
     _response_store: ResponseStore | None = None
 
@@ -433,7 +433,8 @@ class ResponsesMixin:
             response.user = request.user
         return response
 
-    async def _generate(self, run: _Run, prepared) -> AsyncIterator[responses_pb2.ResponseStreamEvent]:
+    async def _generate(self, run: _Run, prepared,
+                        stream_interval: int = 0) -> AsyncIterator[responses_pb2.ResponseStreamEvent]:
         """The events after response.in_progress, up to and including the terminal one."""
         Event = responses_pb2.ResponseStreamEvent
 
@@ -471,7 +472,7 @@ class ResponsesMixin:
                 output_index=index, content_index=0, part=part))
 
         finish, completion_tokens, cached = None, 0, 0
-        async for event, _ in self._events(prepared):
+        async for event, _ in self._events(prepared, stream_interval):
             if event.text:
                 if run.open_message is None:
                     for out in open_message():
@@ -558,13 +559,14 @@ class ResponsesMixin:
         if request.HasField("stream") and not request.stream:
             raise InvalidArgument("stream", "'stream' is false; call CreateResponse for a whole response.")
         converted, prepared = await self._prepare_response(request)
+        stream_interval = self._request_stream_interval(converted.chat)
         # created (0) and in_progress (1) are sent with the first output event, so that failures before it
         # (overload, engine errors) stay clean statuses.
         run = _Run(self._new_response(request, converted, prepared.model), converted, sequence=2)
         Event = responses_pb2.ResponseStreamEvent
         started = False
         try:
-            async with contextlib.aclosing(self._generate(run, prepared)) as events:
+            async with contextlib.aclosing(self._generate(run, prepared, stream_interval)) as events:
                 async for event in events:
                     if not started:
                         started = True

@@ -38,6 +38,7 @@ class GenrpcServer:
                 self.metrics.registry.register(collector)
         self.response_store = ResponseStore(settings.cache_dir / "responses.sqlite3", settings.responses_retention_s)
         self.servicer = GenerationServicer(engine, self.metrics, default_max_tokens=settings.default_max_tokens,
+                                           stream_interval=settings.stream_interval,
                                            response_store=self.response_store)
         self.health = health.aio.HealthServicer()
         self.grpc_server = grpc.aio.server(

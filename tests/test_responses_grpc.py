@@ -91,7 +91,7 @@ async def test_json_schema_constrains_decoding(served):
 
 async def test_stream_events_in_order(served):
     _, stub = served
-    events = [e async for e in stub.StreamResponse(req(stream=True))]
+    events = [e async for e in stub.StreamResponse(req(stream=True, stream_interval=1))]  # a delta per token
     kinds = [e.WhichOneof("event") for e in events]
     assert kinds == ["created", "in_progress", "output_item_added", "content_part_added",
                      *["output_text_delta"] * len(REPLY), "output_text_done", "content_part_done",
@@ -105,6 +105,17 @@ async def test_stream_events_in_order(served):
     assert payloads[0].response.status == "in_progress" and not payloads[0].response.output
     stored = await stub.GetResponse(responses_pb2.GetResponseRequest(response_id=final.id))
     assert stored == final
+
+
+async def test_stream_interval_groups_deltas(served):
+    engine, stub = served
+    engine.step_delay_s = 0.005  # decode steps apart, so grouping is by count (a burst would merge anyway)
+    events = [e async for e in stub.StreamResponse(req(stream=True, stream_interval=5))]
+    deltas = [e.output_text_delta.delta for e in events if e.WhichOneof("event") == "output_text_delta"]
+    assert "".join(deltas) == REPLY and 1 < len(deltas) < len(REPLY)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await anext(aiter(stub.StreamResponse(req(stream=True, stream_interval=-1))))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and bad_field(caught.value) == "stream_interval"
 
 
 async def test_tool_call_round_trip_and_stream(tmp_path):
@@ -252,19 +263,30 @@ async def test_tokenize_detokenize(served):
 
 
 class FailingEngine(ScriptedEngine):
-    """Fails after its first token, like an engine that dies mid-stream."""
+    """Fails after its first token, once `fail` is set (after the client saw that token), like an engine that
+    dies mid-stream."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.fail = asyncio.Event()
 
     async def generate(self, request):
         async for delta in super().generate(request):
             yield delta
+            await self.fail.wait()
             raise EngineInternalError("the engine fell over")
 
 
 async def test_failure_after_start_is_error_then_failed_event(tmp_path):
-    server, channel = await _serve(tmp_path, FailingEngine(reply=REPLY, context_length=4096))
+    engine = FailingEngine(reply=REPLY, context_length=4096)
+    server, channel = await _serve(tmp_path, engine)
     try:
         stub = generation_service_pb2_grpc.GenerationServiceStub(channel)
-        events = [e async for e in stub.StreamResponse(req(stream=True))]
+        events = []
+        async for event in stub.StreamResponse(req(stream=True)):
+            events.append(event)
+            if event.WhichOneof("event") == "output_text_delta":
+                engine.fail.set()
         kinds = [e.WhichOneof("event") for e in events]
         assert kinds == ["created", "in_progress", "output_item_added", "content_part_added", "output_text_delta",
                          "error", "failed"]

@@ -104,7 +104,7 @@ async def test_tool_call_round_trip(client, service):
 
 
 async def test_stream_every_event_parsed_in_order(client):
-    async with client.responses.stream(model="scripted", input="hi") as stream:
+    async with client.responses.stream(model="scripted", input="hi", extra_body={"stream_interval": 1}) as stream:
         events = [event async for event in stream]
         final = await stream.get_final_response()
     types = [e.type for e in events]
@@ -248,7 +248,11 @@ def test_real_model_through_the_whole_stack(stack):
     final = events[-1].response  # get_final_response() needs response.completed; max_output_tokens may cut it
     assert [e.sequence_number for e in events] == list(range(len(events)))
     assert events[0].type == "response.created" and events[-1].type == f"response.{final.status}"
-    assert final.output_text == response.output_text  # greedy: the same text streamed and unary
+    # Not compared token for token with the unary text: llama.cpp (the default engine) reuses the first request's
+    # KV cache, which is not bit-identical to a full prefill, so greedy paths can part.
+    deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert final.output_text.strip() and deltas == final.output_text
+    assert final.usage.input_tokens == response.usage.input_tokens
 
 
 def test_error_frame_is_an_sdk_error_event():
