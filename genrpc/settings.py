@@ -64,6 +64,8 @@ class Settings(BaseSettings):
     torch_threads: int = Field(0, description="torch intra-op threads for the reference engine (0 = all cores)")
     reference_batch_invariant: bool = Field(True, description="reference engine: bit-identical results alone or batched "
                                       "(costs ~1.6x single-stream speed)")
+    responses_retention_s: float = Field(30 * 24 * 3600, gt=0, description="seconds the Responses API keeps a "
+                                         "stored response (SQLite file under cache_dir, one per replica)")
     default_max_tokens: int = Field(0, description="chat max tokens when a request sets none (0 = rest of context)")
     stream_interval: int = Field(0, ge=0, description="streaming: send deltas every N tokens (the first at once); "
                                                       "0 = adaptive: each message carries whatever tokens are "

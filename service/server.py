@@ -17,6 +17,7 @@ from genrpc.service.engines.base import Engine, ExportsMetrics
 from genrpc.service.engines.factory import build_engine
 from genrpc.service.interceptor import ServiceInterceptor
 from genrpc.service.metrics import ServiceMetrics
+from genrpc.service.response_store import ResponseStore
 from genrpc.service.servicer import GenerationServicer
 
 log = logging.getLogger("genrpc.service")
@@ -36,8 +37,10 @@ class GenrpcServer:
         if isinstance(engine, ExportsMetrics) and settings.metrics_port >= 0:
             for collector in engine.prometheus_collectors():  # the runtime's own metrics beside genrpc's
                 self.metrics.registry.register(collector)
+        self.response_store = ResponseStore(settings.cache_dir / "responses.sqlite3", settings.responses_retention_s)
         self.servicer = GenerationServicer(engine, self.metrics, default_max_tokens=settings.default_max_tokens,
-                                            stream_interval=settings.stream_interval)
+                                           stream_interval=settings.stream_interval,
+                                           response_store=self.response_store)
         self.health = health.aio.HealthServicer()
         self.grpc_server = grpc.aio.server(
             interceptors=[ServiceInterceptor(self.metrics, (SERVICE_NAME,))],
@@ -87,6 +90,7 @@ class GenrpcServer:
         await self.health.enter_graceful_shutdown()
         await self.grpc_server.stop(self.settings.shutdown_grace_s if grace_s is None else grace_s)
         await self.engine.shutdown()
+        self.response_store.close()
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()
