@@ -22,6 +22,12 @@ MODEL_LOAD_TIMEOUT_S = 900  # first run converts the bundled GGUF; a slow disk c
 def _logging(settings: Settings) -> None:
     logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # The service's per-request access log: bare JSON lines (one object per line, for log shippers).
+    access = logging.getLogger("genrpc.access")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    access.addHandler(handler)
+    access.propagate = False
 
 
 def cmd_serve(settings: Settings, _: argparse.Namespace) -> int:
