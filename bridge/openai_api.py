@@ -29,6 +29,7 @@ from starlette.responses import Response
 
 from genrpc.bridge.encoding import dumps, loads_object, message_to_dict, quote
 from genrpc.bridge.errors import OpenAIError, from_rpc_error, http_error
+from genrpc.bridge.observability import annotate
 from genrpc.bridge.stream import DISCONNECTED, SSEResponse, call_options, first_message
 from genrpc.v1 import chat_pb2, completion_pb2
 
@@ -201,6 +202,8 @@ async def handle(request: Request) -> Response | SSEResponse:
         req = json_format.ParseDict(body, endpoint.request_cls(), ignore_unknown_fields=True)
     except (json_format.ParseError, ValueError, TypeError, RecursionError) as e:
         return error_response(http_error(400, f"Invalid request body: {e}"))
+    annotate(**{"gen_ai.request.model": req.model or None,
+                "gen_ai.request.max_tokens": req.max_tokens if req.HasField("max_tokens") else None})
     metadata, timeout = call_options(request.headers)
     stub = request.app.state.upstream.stub
     if not req.stream:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 
 import uvicorn
+from prometheus_client import start_http_server
 
 from genrpc.bridge.app import create_app
 from genrpc.settings import Settings
@@ -26,9 +27,19 @@ def make_server(settings: Settings) -> uvicorn.Server:
 
 
 async def serve(settings: Settings) -> None:
-    """Serves the bridge until stopped (SIGINT/SIGTERM, or the task being cancelled)."""
+    """Serves the bridge until stopped (SIGINT/SIGTERM, or the task being cancelled), and its Prometheus metrics
+    on --bridge-metrics-port (-1 = off)."""
     server = make_server(settings)
-    await server.serve()
+    metrics_http = None
+    if settings.bridge_metrics_port >= 0:
+        metrics_http, _ = start_http_server(settings.bridge_metrics_port, addr=settings.host,
+                                            registry=server.config.app.state.metrics.registry)
+    try:
+        await server.serve()
+    finally:
+        if metrics_http is not None:
+            metrics_http.shutdown()
+            metrics_http.server_close()
 
 
 def main() -> None:

@@ -28,6 +28,7 @@ SERVICE_NAME = "genrpc.v1.GenerationService"
 ADMIN_HOST = "127.0.0.1"
 GRPC_CLUSTER = "genrpc_service"
 BRIDGE_CLUSTER = "genrpc_bridge"
+ADMIN_CLUSTER = "envoy_admin"  # the stats listener's route to /stats/prometheus
 METADATA_NAMESPACE = "genrpc"
 TRANSCODER = "envoy.filters.http.grpc_json_transcoder"
 CLIENT_ID_HEADER = "x-client-id"
@@ -83,11 +84,13 @@ def render(*, listen_host: str, listen_port: int, admin_port: int, grpc_host: st
            max_request_bytes: int = DEFAULT_LIMITS["max_request_bytes"],
            unary_timeout_s: int = DEFAULT_LIMITS["unary_timeout_s"],
            stream_idle_timeout_s: int = DEFAULT_LIMITS["stream_idle_timeout_s"], api_keys: dict[str, str] | None = None,
-           cors_allowed_origins: list[str] | tuple[str, ...] | None = None, rate_limit_rps: int = 0) -> str:
+           cors_allowed_origins: list[str] | tuple[str, ...] | None = None, rate_limit_rps: int = 0,
+           stats_port: int = -1, stats_host: str | None = None, access_log: bool = True) -> str:
     """Envoy's bootstrap YAML. max_request_bytes: request body limit (413 beyond); unary_timeout_s: transcoded
     unary calls; api_keys: {key: client id}, enables Bearer-key auth (None = no auth); cors_allowed_origins: exact
     origins such as "https://app.example.com", enables CORS (empty = none); rate_limit_rps: local token bucket per
-    Envoy process, burst = rps (0 = off)."""
+    Envoy process, burst = rps (0 = off); stats_port: a listener on stats_host (default listen_host) serving only
+    GET /stats/prometheus (-1 = none); access_log: JSON access log lines on stdout."""
     if rate_limit_rps < 0:
         raise ValueError(f"rate_limit_rps must be >= 0 (0 = off), got {rate_limit_rps}")
     origins = [o.strip() for o in (cors_allowed_origins or []) if o.strip()]
@@ -97,6 +100,8 @@ def render(*, listen_host: str, listen_port: int, admin_port: int, grpc_host: st
     local_statuses = sorted(set(HTTP_ERROR_TYPES) | set(HTTP_ERROR_CODES))
     return _environment().get_template(TEMPLATE).render(
         admin_host=ADMIN_HOST, admin_port=int(admin_port), listen_host=listen_host, listen_port=int(listen_port),
+        stats_port=int(stats_port) if stats_port >= 0 else None, stats_host=stats_host or listen_host,
+        admin_cluster=ADMIN_CLUSTER, access_log=access_log,
         clusters=[_cluster(GRPC_CLUSTER, grpc_host, grpc_port, http2=True),
                   _cluster(BRIDGE_CLUSTER, bridge_host, bridge_port, http2=False)],
         grpc_cluster=GRPC_CLUSTER, bridge_cluster=BRIDGE_CLUSTER, descriptor_path=str(descriptor_path),

@@ -111,10 +111,12 @@ def envoy_yaml(settings: Settings, *, listen_host: str | None = None, grpc_host:
         admin_port=settings.envoy_admin_port, grpc_host=grpc_host or settings.host, grpc_port=settings.grpc_port,
         bridge_host=bridge_host or settings.host, bridge_port=settings.bridge_port,
         descriptor_path=str(descriptor or envoy_config.descriptor_path()), api_keys=api_keys,
-        cors_allowed_origins=settings.cors_origins(), rate_limit_rps=settings.rate_limit_rps, **options)
+        cors_allowed_origins=settings.cors_origins(), rate_limit_rps=settings.rate_limit_rps,
+        stats_port=settings.envoy_stats_port, **options)
 
 
-ENVOY_SETTINGS = ["host", "grpc_port", "bridge_port", "envoy_port", "envoy_admin_port", "api_keys_file",
+ENVOY_SETTINGS = ["host", "grpc_port", "bridge_port", "envoy_port", "envoy_admin_port", "envoy_stats_port",
+                  "api_keys_file",
                   "cors_allowed_origins", "rate_limit_rps"]
 
 
