@@ -90,7 +90,7 @@ async def _server_error(request: Request, exc: Exception) -> Response:
 def create_app(settings: Settings) -> Starlette:
     """The bridge ASGI app, calling the service at `settings.grpc_address()`."""
     target = settings.grpc_address()
-    metrics = BridgeMetrics()
+    metrics = BridgeMetrics((*openai_api.ENDPOINTS, dashscope.TEXT_GENERATION_PATH))
     tracing = configure_tracing("genrpc-bridge")  # OTEL_* variables; off by default
 
     @contextlib.asynccontextmanager

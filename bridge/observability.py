@@ -29,7 +29,8 @@ current_span: contextvars.ContextVar[Any] = contextvars.ContextVar("genrpc_bridg
 
 
 class BridgeMetrics:
-    def __init__(self) -> None:
+    def __init__(self, stream_routes: tuple[str, ...] = ()) -> None:
+        """`stream_routes`: routes whose per-route series exist from the start (at zero), for dashboards."""
         self.registry = r = CollectorRegistry()
         self.requests = Counter("genrpc_bridge_requests", "HTTP requests by route and final status.",
                                 ["route", "status"], registry=r)
@@ -40,6 +41,9 @@ class BridgeMetrics:
         self.bytes_out = Counter("genrpc_bridge_response_bytes", "Response body bytes sent.", ["route"], registry=r)
         self.duration = Histogram("genrpc_bridge_request_duration_seconds", "Whole HTTP request time.", ["route"],
                                   buckets=REQUEST_DURATION_BUCKETS_S, registry=r)
+        for route in stream_routes:
+            self.client_disconnects.labels(route)
+            self.bytes_out.labels(route)
 
 
 def _route(scope: Scope) -> str:

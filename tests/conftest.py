@@ -30,8 +30,7 @@ class Stack:
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory):
     ports = {name: free_port() for name in ("grpc_port", "bridge_port", "envoy_port", "envoy_admin_port",
-                                            "envoy_stats_port", "metrics_port",
-                                            "bridge_metrics_port")}
+                                            "envoy_stats_port", "metrics_port", "bridge_metrics_port")}
     env = {f"GENRPC_{name.upper()}": str(port) for name, port in ports.items()}
     env["GENRPC_SHUTDOWN_GRACE_S"] = "2"
     log_path = tmp_path_factory.mktemp("stack") / "genrpc-up.log"

@@ -28,8 +28,7 @@ LONG = [{"role": "user", "content": "Write a long story about a dragon who learn
 class Up:
     def __init__(self, tmp_path: Path, grace_s: float = 20):
         self.ports = {name: free_port() for name in ("grpc_port", "bridge_port", "envoy_port", "envoy_admin_port",
-                                                     "envoy_stats_port", "metrics_port",
-                                            "bridge_metrics_port")}
+                                                     "envoy_stats_port", "metrics_port", "bridge_metrics_port")}
         env = {f"GENRPC_{name.upper()}": str(port) for name, port in self.ports.items()}
         env["GENRPC_SHUTDOWN_GRACE_S"] = str(grace_s)
         self.log_path = tmp_path / "genrpc-up.log"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import atexit
 import base64
 import functools
+import json
 import importlib.util
 import pathlib
 import re
@@ -405,3 +406,13 @@ def test_dockerfiles_lint(dockerfile):
     assert "!setup.py" in ignore
     if dockerfile == "Dockerfile.service-gpu":
         assert "sglang==0.5.23" in text
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_grafana_dashboard_configmap(overlay):
+    """The repository's dashboard ships as a ConfigMap the Grafana sidecar discovers (label grafana_dashboard=1)."""
+    cm = find(render(overlay), "ConfigMap", "genrpc-grafana-dashboard")
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+    shipped = json.loads(cm["data"]["genrpc-dashboard.json"])
+    assert shipped == json.loads((ROOT / "k8s/base/monitoring/genrpc-dashboard.json").read_text())
+    assert shipped["uid"] == "genrpc" and shipped["panels"]
