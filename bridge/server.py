@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 
 import uvicorn
 from prometheus_client import start_http_server
@@ -26,6 +27,17 @@ def make_server(settings: Settings) -> uvicorn.Server:
     return uvicorn.Server(config)
 
 
+def reuse_port_socket(host: str, port: int) -> socket.socket:
+    """A listening socket that other bridge workers may bind too (SO_REUSEPORT): the kernel spreads
+    connections over the processes, so per-frame work is not bound to one GIL."""
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind(address)
+    return sock
+
+
 async def serve(settings: Settings) -> None:
     """Serves the bridge until stopped (SIGINT/SIGTERM, or the task being cancelled), and its Prometheus metrics
     on --bridge-metrics-port (-1 = off)."""
@@ -35,7 +47,10 @@ async def serve(settings: Settings) -> None:
         metrics_http, _ = start_http_server(settings.bridge_metrics_port, addr=settings.host,
                                             registry=server.config.app.state.metrics.registry)
     try:
-        await server.serve()
+        if settings.reuse_port:
+            await server.serve(sockets=[reuse_port_socket(settings.host, settings.bridge_port)])
+        else:
+            await server.serve()
     finally:
         if metrics_http is not None:
             metrics_http.shutdown()

@@ -37,7 +37,8 @@ class GenrpcServer:
         if isinstance(engine, ExportsMetrics) and settings.metrics_port >= 0:
             for collector in engine.prometheus_collectors():  # the runtime's own metrics beside genrpc's
                 self.metrics.registry.register(collector)
-        self.servicer = GenerationServicer(engine, self.metrics, default_max_tokens=settings.default_max_tokens)
+        self.servicer = GenerationServicer(engine, self.metrics, default_max_tokens=settings.default_max_tokens,
+                                            stream_interval=settings.stream_interval)
         self.health = health.aio.HealthServicer()
         self.grpc_server = grpc.aio.server(
             interceptors=[ServiceInterceptor(self.metrics, (SERVICE_NAME,), self.tracing)],

@@ -54,8 +54,10 @@ class _Prepared:
 
 
 class GenerationServicer(generation_service_pb2_grpc.GenerationServiceServicer):
-    def __init__(self, engine: Engine, metrics: ServiceMetrics, *, default_max_tokens: int = 0):
+    def __init__(self, engine: Engine, metrics: ServiceMetrics, *, default_max_tokens: int = 0,
+                 stream_interval: int = 0):
         self._engine = engine
+        self._stream_interval = stream_interval  # server default; a request's stream_interval overrides it
         self._metrics = metrics
         self._default_max_tokens = default_max_tokens
         self._ready = False
@@ -159,9 +161,19 @@ class GenerationServicer(generation_service_pb2_grpc.GenerationServiceServicer):
 
     # ---- running the choices ----------------------------------------------------------------------------
 
-    async def _events(self, prepared: _Prepared) -> AsyncIterator[tuple[ChoiceEvent, bool]]:
-        """The merged choice events, each with whether it is the very last finish of the request. Fills in the
-        RPC's RequestRecord (tokens, TTFT, queue time) and observes inter-token latency as outputs stream."""
+    def _request_stream_interval(self, request) -> int:
+        """The request's `stream_interval` extension, or the server's default when absent or 0."""
+        if not request.HasField("stream_interval") or request.stream_interval == 0:
+            return self._stream_interval
+        if request.stream_interval < 0:
+            raise InvalidArgument("stream_interval", f"'stream_interval' must be 0 (the server's default), 1 (a "
+                                                     f"chunk per token) or more; got {request.stream_interval}.")
+        return request.stream_interval
+
+    async def _events(self, prepared: _Prepared, stream_interval: int = 0) -> AsyncIterator[tuple[ChoiceEvent, bool]]:
+        """The merged choice events (coalesced, see service.choices), each with whether it is the very last
+        finish of the request. Fills in the RPC's RequestRecord (tokens, TTFT, queue time) and observes
+        inter-token latency as outputs stream (a coalesced event's interval is shared by its tokens)."""
         record = current_request.get()
         if record is not None:
             record.model = prepared.model
@@ -172,7 +184,7 @@ class GenerationServicer(generation_service_pb2_grpc.GenerationServiceServicer):
         last_output: dict[int, tuple[float, int]] = {}  # choice -> (time, completion tokens) of its last output
         unfinished = len(prepared.specs)
         has_images = any(spec.images for spec in prepared.specs)
-        async with contextlib.aclosing(run_choices(self._engine, prepared.specs)) as events:
+        async with contextlib.aclosing(run_choices(self._engine, prepared.specs, stream_interval)) as events:
             async for event in events:
                 now = time.perf_counter()
                 if record is not None:
@@ -214,6 +226,7 @@ class GenerationServicer(generation_service_pb2_grpc.GenerationServiceServicer):
     async def Chat(self, request: chat_pb2.ChatCompletionRequest, context):
         if request.HasField("stream") and not request.stream:
             raise InvalidArgument("stream", "'stream' is false; call CreateChatCompletion for a whole response.")
+        stream_interval = self._request_stream_interval(request)
         prepared = await self._prepare_chat(request)
         base = dict(id=f"chatcmpl-{uuid.uuid4().hex}", object="chat.completion.chunk", created=int(time.time()),
                     model=prepared.model, system_fingerprint=self._fingerprint())
@@ -225,7 +238,7 @@ class GenerationServicer(generation_service_pb2_grpc.GenerationServiceServicer):
                 index=index, delta=delta, logprobs=logprobs,
                 finish_reason=string_value(finish) if finish else NULL)])
 
-        async for event, last in self._events(prepared):
+        async for event, last in self._events(prepared, stream_interval):
             state = states[event.index]
             state.pending_logprobs.extend(event.logprobs)
             if not state.started:  # sent once the engine produced output, so early errors stay clean statuses
@@ -293,12 +306,13 @@ class GenerationServicer(generation_service_pb2_grpc.GenerationServiceServicer):
     async def Generate(self, request: completion_pb2.CompletionRequest, context):
         if request.HasField("stream") and not request.stream:
             raise InvalidArgument("stream", "'stream' is false; call CreateCompletion for a whole response.")
+        stream_interval = self._request_stream_interval(request)
         prepared = await self._prepare_completion(request)
         base = dict(id=f"cmpl-{uuid.uuid4().hex}", object="text_completion", created=int(time.time()),
                     model=prepared.model, system_fingerprint=self._fingerprint())
         states = {spec.index: _ChoiceProgress() for spec in prepared.specs}
         offsets = dict.fromkeys(states, 0)
-        async for event, last in self._events(prepared):
+        async for event, last in self._events(prepared, stream_interval):
             state = states[event.index]
             text = event.text
             if not state.started:
