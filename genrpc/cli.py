@@ -129,7 +129,10 @@ genrpc is up (model {settings.model_id}):
   DashScope     http://{settings.host}:{settings.envoy_port}/api/v1/services/aigc/text-generation/generation
   gRPC (Envoy)  {settings.host}:{settings.envoy_port}
   gRPC (direct) {settings.grpc_address()}
-  metrics       http://{settings.host}:{settings.metrics_port}/metrics
+  health        http://{settings.host}:{settings.envoy_port}/health/ready
+  metrics       http://{settings.host}:{settings.metrics_port}/metrics (service)
+                http://{settings.host}:{settings.bridge_metrics_port}/metrics (bridge)
+                http://{settings.host}:{settings.envoy_stats_port}/stats/prometheus (Envoy)
 Press Ctrl-C to stop.""", flush=True)
 
     log.info("starting the stack (the service first: loading the model takes a while)")
