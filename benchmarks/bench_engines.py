@@ -146,7 +146,7 @@ async def main(args: argparse.Namespace) -> None:
     print_table("genrpc llama.cpp engine in process (ratios: genrpc / llama.cpp)", ours, theirs)
 
     if args.with_reference:
-        from genrpc.service.engines.reference import ReferenceEngine
+        from genrpc.service.engines.reference.engine import ReferenceEngine
 
         reference = ReferenceEngine(Settings(max_batch_size=slots))
         await reference.start()

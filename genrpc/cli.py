@@ -143,7 +143,8 @@ def envoy_yaml(settings: Settings, *, listen_host: str | None = None, grpc_host:
                bridge_host: str | None = None, descriptor: str | pathlib.Path | None = None, **options: Any) -> str:
     """Envoy's config for `settings`, the one path from settings to `genrpc.envoy.config.render` (used by
     `genrpc up` and `genrpc envoy-config`). Hosts default to --host; `--api-keys-file` turns on Bearer-key auth,
-    `--cors-allowed-origins` CORS and `--rate-limit-rps` the rate limit. `options`: render's optional limits
+    `--cors-allowed-origins` CORS, `--rate-limit-rps` the rate limit; `--grpc-upstreams` lists the service
+    replicas (default: the one at grpc_host:grpc_port). `options`: render's optional limits
     (max_request_bytes, unary_timeout_s, stream_idle_timeout_s). The descriptor defaults to the installed one."""
     from genrpc.envoy import config as envoy_config
 
@@ -154,12 +155,14 @@ def envoy_yaml(settings: Settings, *, listen_host: str | None = None, grpc_host:
         bridge_host=bridge_host or settings.host, bridge_port=settings.bridge_port,
         descriptor_path=str(descriptor or envoy_config.descriptor_path()), api_keys=api_keys,
         cors_allowed_origins=settings.cors_origins(), rate_limit_rps=settings.rate_limit_rps,
-        stats_port=settings.envoy_stats_port, **options)
+        grpc_upstreams=envoy_config.parse_upstreams(settings.grpc_upstreams) or None,
+        health_check_interval_s=settings.envoy_health_check_interval_s, stats_port=settings.envoy_stats_port,
+        **options)
 
 
 ENVOY_SETTINGS = ["host", "grpc_port", "bridge_port", "envoy_port", "envoy_admin_port", "envoy_stats_port",
                   "api_keys_file",
-                  "cors_allowed_origins", "rate_limit_rps"]
+                  "cors_allowed_origins", "rate_limit_rps", "grpc_upstreams", "envoy_health_check_interval_s"]
 
 
 def cmd_envoy_config(settings: Settings, args: argparse.Namespace) -> int:
@@ -208,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     settings_module.add_arguments(envoy, ENVOY_SETTINGS)
     envoy.add_argument("--listen-host", default=None, help="address Envoy's listener binds (default: --host)")
     envoy.add_argument("--grpc-host", default=None, help="host of the gRPC service, an IP or a DNS name such as a "
-                                                         "Kubernetes Service (default: --host)")
+                                                         "Kubernetes Service (default: --host); ignored when "
+                                                         "--grpc-upstreams lists the replicas")
     envoy.add_argument("--bridge-host", default=None, help="host of the SSE bridge (default: --host)")
     envoy.add_argument("--descriptor", default=None,
                        help="path of the proto descriptor set as Envoy will see it (not read here) "

@@ -42,6 +42,12 @@ class Settings(BaseSettings):
     cors_allowed_origins: str = Field("", description="browser origins allowed by Envoy's CORS policy, comma-separated "
                                                       "exact origins such as https://app.example.com "
                                                       "(empty = no CORS)")
+    grpc_upstreams: str = Field("", description="service replicas Envoy balances across, comma-separated host:port; "
+                                                "a host may be a DNS name with one address per replica (a "
+                                                "Kubernetes headless Service) (default: host:grpc_port)")
+    envoy_health_check_interval_s: float = Field(2.0, description="how often Envoy checks each replica's "
+                                                                  "grpc.health.v1 status (a NOT_SERVING replica gets "
+                                                                  "no new requests within two intervals)")
     rate_limit_rps: int = Field(0, description="Envoy rate limit: requests per second per Envoy process, burst the "
                                                "same; beyond it REST gets 429, gRPC RESOURCE_EXHAUSTED (0 = off)")
 
