@@ -47,7 +47,7 @@ async def serve(settings: Settings) -> None:
         metrics_http, _ = start_http_server(settings.bridge_metrics_port, addr=settings.host,
                                             registry=server.config.app.state.metrics.registry)
     try:
-        if settings.reuse_port:
+        if settings.worker_of:  # one of --bridge-workers: the port is shared
             await server.serve(sockets=[reuse_port_socket(settings.host, settings.bridge_port)])
         else:
             await server.serve()

@@ -34,21 +34,24 @@ def cmd_serve(settings: Settings, _: argparse.Namespace) -> int:
     from genrpc.service.server import serve
 
     _logging(settings)
-    if settings.service_workers > 1:
+    if settings.service_workers > 1 and not settings.worker_of:
         if settings.grpc_port == 0:
             logging.error("--service-workers > 1 needs a fixed --grpc-port (port 0 would give each worker its own)")
             return 2
-        if settings.engine == "sglang":
-            logging.error("--service-workers > 1 would start one SGLang engine per worker on the same GPUs")
-            return 2
         from genrpc import processes
 
-        # Worker i serves metrics on --metrics-port + i (when a fixed port is set).
-        return _run_workers(settings, "serve", settings.service_workers, "GENRPC_SERVICE_WORKERS",
+        # Worker i serves metrics on --metrics-port + i (when a fixed port is set). With SGLang, worker 0 builds
+        # the one engine (tokenizer_worker_num = N) and workers 1..N-1 attach to it as tokenizer workers.
+        def extra_argv(i: int, supervisor: Any) -> list[str]:
+            if settings.engine == "sglang" and i > 0:
+                return ["--sglang-attach-pid", str(supervisor.pid("serve-0"))]
+            return []
+
+        return _run_workers(settings, "serve", settings.service_workers,
                             lambda i: {"GENRPC_METRICS_PORT": str(settings.metrics_port + i
                                                                   if settings.metrics_port > 0
                                                                   else settings.metrics_port)},
-                            lambda: processes.grpc_serving(settings.grpc_address())(), MODEL_LOAD_TIMEOUT_S)
+                            processes.grpc_serving(settings.grpc_address()), MODEL_LOAD_TIMEOUT_S, extra_argv)
     asyncio.run(serve(settings))
     return 0
 
@@ -57,13 +60,12 @@ def cmd_bridge(settings: Settings, _: argparse.Namespace) -> int:
     from genrpc.bridge.server import serve
 
     _logging(settings)
-    if settings.bridge_workers > 1:
+    if settings.bridge_workers > 1 and not settings.worker_of:
         from genrpc import processes
 
         # Worker i serves its metrics on --bridge-metrics-port + i (when a fixed port is set).
-        return _run_workers(settings, "bridge", settings.bridge_workers, "GENRPC_BRIDGE_WORKERS",
-                            lambda i: {"GENRPC_REUSE_PORT": "true",
-                                       "GENRPC_BRIDGE_METRICS_PORT": str(settings.bridge_metrics_port + i
+        return _run_workers(settings, "bridge", settings.bridge_workers,
+                            lambda i: {"GENRPC_BRIDGE_METRICS_PORT": str(settings.bridge_metrics_port + i
                                                                          if settings.bridge_metrics_port > 0
                                                                          else settings.bridge_metrics_port)},
                             processes.http_ok(f"http://{settings.host}:{settings.bridge_port}/health"), 60)
@@ -71,18 +73,23 @@ def cmd_bridge(settings: Settings, _: argparse.Namespace) -> int:
     return 0
 
 
-def _run_workers(settings: Settings, command: str, count: int, count_env: str,
-                 env_for: Callable[[int], dict[str, str]], ready: Callable[[], bool], ready_timeout_s: float) -> int:
+def _run_workers(settings: Settings, command: str, count: int, env_for: Callable[[int], dict[str, str]],
+                 ready: Callable[[], bool], ready_timeout_s: float,
+                 extra_argv: Callable[[int, Any], list[str]] = lambda i, supervisor: []) -> int:
     """N processes of one command sharing its port (SO_REUSEPORT), so per-token Python work is not bound to one
-    GIL. This process only supervises them (genrpc.supervisor: a crashed worker is restarted; SIGTERM drains
-    them all at once). A worker's readiness is the shared port's, so each waits for any worker to answer."""
+    GIL. This process only supervises them (genrpc.supervisor: started one after the other, a crashed worker is
+    restarted, SIGTERM drains them all at once). A worker's readiness is its port's, which the first worker
+    decides alone."""
     from genrpc.supervisor import ChildSpec, Supervisor
 
-    env = {**settings_env(settings), count_env: "1"}
+    env = {**settings_env(settings), "GENRPC_WORKER_OF": str(os.getpid())}
     argv = [sys.executable, "-m", "genrpc.cli", command]
-    specs = [ChildSpec(f"{command}-{i}", lambda: argv, ready, ready_timeout_s, {**env, **env_for(i)},
-                       stop_timeout_s=settings.shutdown_grace_s + 5) for i in range(count)]
-    return Supervisor(specs, stop_together=True).run()
+    specs: list[ChildSpec] = []
+    supervisor = Supervisor(specs, stop_together=True)
+    for i in range(count):
+        specs.append(ChildSpec(f"{command}-{i}", lambda i=i: [*argv, *extra_argv(i, supervisor)], ready,
+                               ready_timeout_s, {**env, **env_for(i)}, stop_timeout_s=settings.shutdown_grace_s + 5))
+    return supervisor.run()
 
 
 def settings_env(settings: Settings) -> dict[str, str]:

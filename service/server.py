@@ -53,7 +53,9 @@ class GenrpcServer:
                      # clients reconnect every few minutes (running streams finish first), so a gRPC client
                      # balancing over a DNS name (the bridge: dns:///genrpc-service-pods) re-resolves it and finds
                      # replicas added since
-                     ("grpc.max_connection_age_ms", _MAX_CONNECTION_AGE_MS)])
+                     ("grpc.max_connection_age_ms", _MAX_CONNECTION_AGE_MS),
+                     # only --service-workers share a port; a second service started by mistake must fail to bind
+                     ("grpc.so_reuseport", 1 if settings.worker_of else 0)])
         generation_service_pb2_grpc.add_GenerationServiceServicer_to_server(self.servicer, self.grpc_server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
         reflection.enable_server_reflection(
