@@ -5,7 +5,9 @@ Envoy routes `"stream": true` bodies of `POST /v1/chat/completions`, `POST /v1/c
 - bridge/stream.py: the core every protocol shares (call options, first-message wait, the SSE response);
 - bridge/openai_api.py, bridge/responses_sse.py and bridge/dashscope.py: a route handler and a renderer per
   protocol;
-- bridge/health.py: the service's readiness for `GET /health/ready`; bridge/errors.py: gRPC status -> error body.
+- bridge/health.py: the service's readiness for `GET /health/ready`; bridge/errors.py: gRPC status -> error body;
+- bridge/observability.py: the bridge's metrics (served on --bridge-metrics-port by bridge/server.py) and
+  request spans.
 
 The app state holds one shared grpc.aio channel to `settings.grpc_address()`, opened and closed by the lifespan.
 """
@@ -28,7 +30,9 @@ from genrpc.bridge import dashscope, openai_api, playground, responses_sse
 from genrpc.bridge.encoding import dumps
 from genrpc.bridge.errors import http_error
 from genrpc.bridge.health import ServiceReadiness
+from genrpc.bridge.observability import BridgeMetrics, ObservabilityMiddleware
 from genrpc.settings import Settings
+from genrpc.telemetry import configure_tracing
 from genrpc.v1 import generation_service_pb2_grpc
 
 log = logging.getLogger("genrpc.bridge")
@@ -95,6 +99,8 @@ async def _server_error(request: Request, exc: Exception) -> Response:
 def create_app(settings: Settings) -> Starlette:
     """The bridge ASGI app, calling the service at `settings.grpc_address()`."""
     target = settings.grpc_address()
+    metrics = BridgeMetrics((*openai_api.ENDPOINTS, dashscope.TEXT_GENERATION_PATH))
+    tracing = configure_tracing("genrpc-bridge")  # OTEL_* variables; off by default
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -104,6 +110,7 @@ def create_app(settings: Settings) -> Starlette:
             yield
         finally:
             await app.state.upstream.close()
+            tracing.shutdown()
 
     routes = [
         Route("/health", health, methods=["GET"]),
@@ -116,5 +123,8 @@ def create_app(settings: Settings) -> Starlette:
               methods=["GET", "POST", "PUT", "DELETE", "PATCH"]),
         *playground.routes(),  # the chat page at /playground and / (bridge/playground.py)
     ]
-    return Starlette(routes=routes, lifespan=lifespan, exception_handlers={
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={
         404: _not_found, 405: _method_not_allowed, 500: _server_error})
+    app.state.metrics = metrics
+    app.add_middleware(ObservabilityMiddleware, metrics=metrics, tracing=tracing)
+    return app

@@ -31,6 +31,7 @@ from starlette.responses import Response
 
 from genrpc.bridge.encoding import dumps, loads_object, message_to_dict, quote
 from genrpc.bridge.errors import OpenAIError, from_rpc_error, http_error
+from genrpc.bridge.observability import annotate
 from genrpc.bridge.stream import DISCONNECTED, Renderer, SSEResponse, call_options, first_message
 from genrpc.v1 import chat_pb2, completion_pb2
 
@@ -195,6 +196,14 @@ ENDPOINTS = {
 }
 
 
+def _max_tokens(req: Message) -> int | None:
+    """The request's token cap, whatever the endpoint calls it (for the span's gen_ai.request.max_tokens)."""
+    for name in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
+        if name in req.DESCRIPTOR.fields_by_name and req.HasField(name):
+            return getattr(req, name)
+    return None
+
+
 def error_response(err: OpenAIError) -> Response:
     return Response(err.json_bytes(), status_code=err.status, media_type="application/json")
 
@@ -211,6 +220,8 @@ def endpoint_handler(endpoint: Endpoint) -> Callable[[Request], Awaitable[Respon
             req = json_format.ParseDict(body, endpoint.request_cls(), ignore_unknown_fields=True)
         except (json_format.ParseError, ValueError, TypeError, RecursionError) as e:
             return error_response(http_error(400, f"Invalid request body: {e}"))
+        annotate(**{"gen_ai.request.model": getattr(req, "model", "") or None,
+                    "gen_ai.request.max_tokens": _max_tokens(req)})
         metadata, timeout = call_options(request.headers)
         stub = request.app.state.upstream.stub
         if not req.stream:

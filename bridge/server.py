@@ -7,6 +7,7 @@ import asyncio
 import socket
 
 import uvicorn
+from prometheus_client import start_http_server
 
 from genrpc.bridge.app import create_app
 from genrpc.settings import Settings
@@ -38,12 +39,22 @@ def reuse_port_socket(host: str, port: int) -> socket.socket:
 
 
 async def serve(settings: Settings) -> None:
-    """Serves the bridge until stopped (SIGINT/SIGTERM, or the task being cancelled)."""
+    """Serves the bridge until stopped (SIGINT/SIGTERM, or the task being cancelled), and its Prometheus metrics
+    on --bridge-metrics-port (-1 = off)."""
     server = make_server(settings)
-    if settings.worker_of:  # one of --bridge-workers: the port is shared
-        await server.serve(sockets=[reuse_port_socket(settings.host, settings.bridge_port)])
-    else:
-        await server.serve()
+    metrics_http = None
+    if settings.bridge_metrics_port >= 0:
+        metrics_http, _ = start_http_server(settings.bridge_metrics_port, addr=settings.host,
+                                            registry=server.config.app.state.metrics.registry)
+    try:
+        if settings.worker_of:  # one of --bridge-workers: the port is shared
+            await server.serve(sockets=[reuse_port_socket(settings.host, settings.bridge_port)])
+        else:
+            await server.serve()
+    finally:
+        if metrics_http is not None:
+            metrics_http.shutdown()
+            metrics_http.server_close()
 
 
 def main() -> None:

@@ -22,6 +22,9 @@ import grpc
 from google.protobuf.message import Message
 from starlette.types import Receive, Scope, Send
 
+from genrpc.bridge.observability import current_span
+from genrpc.telemetry import Tracing
+
 log = logging.getLogger("genrpc.bridge")
 
 # Request headers forwarded to the service as gRPC metadata (lower case).
@@ -47,8 +50,13 @@ class Renderer(Protocol):
 
 
 def call_options(headers: Mapping[str, str]) -> tuple[list[tuple[str, str]], float | None]:
-    """(gRPC metadata, timeout in seconds or None) for a call made on behalf of a request with `headers`."""
+    """(gRPC metadata, timeout in seconds or None) for a call made on behalf of a request with `headers`.
+    With tracing on, traceparent/tracestate name the bridge's span (the service's span becomes its child)."""
     metadata = [(name, headers[name]) for name in FORWARDED_HEADERS if name in headers]
+    span = current_span.get()
+    if span is not None:
+        propagated = Tracing.inject(span)
+        metadata = [(k, v) for k, v in metadata if k not in propagated] + list(propagated.items())
     timeout = None
     raw = headers.get(DEADLINE_HEADER_MS)
     if raw:

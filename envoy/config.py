@@ -32,6 +32,7 @@ AFFINITY_HEADER = "x-genrpc-affinity"
 HEALTH_SERVICE = SERVICE_NAME  # grpc.health.v1 service name Envoy checks (NOT_SERVING while loading or draining)
 DEFAULT_HEALTH_CHECK_INTERVAL_S = 2.0
 BRIDGE_CLUSTER = "genrpc_bridge"
+ADMIN_CLUSTER = "envoy_admin"  # the stats listener's route to /stats/prometheus
 METADATA_NAMESPACE = "genrpc"
 TRANSCODER = "envoy.filters.http.grpc_json_transcoder"
 CLIENT_ID_HEADER = "x-client-id"
@@ -118,14 +119,16 @@ def render(*, listen_host: str, listen_port: int, admin_port: int, grpc_host: st
            stream_idle_timeout_s: int = DEFAULT_LIMITS["stream_idle_timeout_s"], api_keys: dict[str, str] | None = None,
            cors_allowed_origins: list[str] | tuple[str, ...] | None = None, rate_limit_rps: int = 0,
            grpc_upstreams: list[tuple[str, int]] | None = None,
-           health_check_interval_s: float = DEFAULT_HEALTH_CHECK_INTERVAL_S) -> str:
+           health_check_interval_s: float = DEFAULT_HEALTH_CHECK_INTERVAL_S, stats_port: int = -1,
+           stats_host: str | None = None, access_log: bool = True) -> str:
     """Envoy's bootstrap YAML. max_request_bytes: request body limit (413 beyond); unary_timeout_s: transcoded
     unary calls; api_keys: {key: client id}, enables Bearer-key auth (None = no auth); cors_allowed_origins: exact
     origins such as "https://app.example.com", enables CORS (empty = none); rate_limit_rps: local token bucket per
     Envoy process, burst = rps (0 = off); grpc_upstreams: the service replicas [(host, port)], each host an IP
     or a DNS name whose every address is a replica (a headless Service), default [(grpc_host, grpc_port)];
     health_check_interval_s: how often Envoy asks each replica's grpc.health.v1 (a NOT_SERVING replica gets no
-    new request after at most two intervals)."""
+    new request after at most two intervals); stats_port: a listener on stats_host (default listen_host) serving
+    only GET /stats/prometheus (-1 = none); access_log: JSON access log lines on stdout."""
     if health_check_interval_s <= 0:
         raise ValueError(f"health_check_interval_s must be > 0, got {health_check_interval_s}")
     upstreams = list(grpc_upstreams or [(grpc_host, grpc_port)])
@@ -138,6 +141,8 @@ def render(*, listen_host: str, listen_port: int, admin_port: int, grpc_host: st
     local_statuses = sorted(set(HTTP_ERROR_TYPES) | set(HTTP_ERROR_CODES))
     return _environment().get_template(TEMPLATE).render(
         admin_host=ADMIN_HOST, admin_port=int(admin_port), listen_host=listen_host, listen_port=int(listen_port),
+        stats_port=int(stats_port) if stats_port >= 0 else None, stats_host=stats_host or listen_host,
+        admin_cluster=ADMIN_CLUSTER, access_log=access_log,
         clusters=[_cluster(GRPC_CLUSTER, upstreams, http2=True, health_checked=True),
                   _cluster(AFFINITY_CLUSTER, upstreams, http2=True, lb_policy="MAGLEV", health_checked=True),
                   _cluster(BRIDGE_CLUSTER, [(bridge_host, bridge_port)], http2=False, lb_policy="ROUND_ROBIN")],

@@ -22,6 +22,12 @@ MODEL_LOAD_TIMEOUT_S = 900  # first run converts the bundled GGUF; a slow disk c
 def _logging(settings: Settings) -> None:
     logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # The service's per-request access log: bare JSON lines (one object per line, for log shippers).
+    access = logging.getLogger("genrpc.access")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    access.addHandler(handler)
+    access.propagate = False
 
 
 def cmd_serve(settings: Settings, _: argparse.Namespace) -> int:
@@ -80,7 +86,11 @@ def cmd_bridge(settings: Settings, _: argparse.Namespace) -> int:
     if settings.bridge_workers > 1 and not settings.worker_of:
         from genrpc import processes
 
-        return _run_workers(settings, "bridge", settings.bridge_workers, lambda i: {},
+        # Worker i serves its metrics on --bridge-metrics-port + i (when a fixed port is set).
+        return _run_workers(settings, "bridge", settings.bridge_workers,
+                            lambda i: {"GENRPC_BRIDGE_METRICS_PORT": str(settings.bridge_metrics_port + i
+                                                                         if settings.bridge_metrics_port > 0
+                                                                         else settings.bridge_metrics_port)},
                             processes.http_ok(f"http://{settings.host}:{settings.bridge_port}/health"), 60)
     asyncio.run(serve(settings))
     return 0
@@ -151,7 +161,10 @@ genrpc is up (model {settings.model_id}):
   DashScope     http://{settings.host}:{settings.envoy_port}/api/v1/services/aigc/text-generation/generation
   gRPC (Envoy)  {settings.host}:{settings.envoy_port}
   gRPC (direct) {settings.grpc_address()}
-  metrics       http://{settings.host}:{settings.metrics_port}/metrics
+  health        http://{settings.host}:{settings.envoy_port}/health/ready
+  metrics       http://{settings.host}:{settings.metrics_port}/metrics (service)
+                http://{settings.host}:{settings.bridge_metrics_port}/metrics (bridge)
+                http://{settings.host}:{settings.envoy_stats_port}/stats/prometheus (Envoy)
 Press Ctrl-C to stop.""", flush=True)
 
     log.info("starting the stack (the service first: loading the model takes a while)")
@@ -175,10 +188,12 @@ def envoy_yaml(settings: Settings, *, listen_host: str | None = None, grpc_host:
         descriptor_path=str(descriptor or envoy_config.descriptor_path()), api_keys=api_keys,
         cors_allowed_origins=settings.cors_origins(), rate_limit_rps=settings.rate_limit_rps,
         grpc_upstreams=envoy_config.parse_upstreams(settings.grpc_upstreams) or None,
-        health_check_interval_s=settings.envoy_health_check_interval_s, **options)
+        health_check_interval_s=settings.envoy_health_check_interval_s, stats_port=settings.envoy_stats_port,
+        **options)
 
 
-ENVOY_SETTINGS = ["host", "grpc_port", "bridge_port", "envoy_port", "envoy_admin_port", "api_keys_file",
+ENVOY_SETTINGS = ["host", "grpc_port", "bridge_port", "envoy_port", "envoy_admin_port", "envoy_stats_port",
+                  "api_keys_file",
                   "cors_allowed_origins", "rate_limit_rps", "grpc_upstreams", "envoy_health_check_interval_s"]
 
 

@@ -30,7 +30,11 @@ class Settings(BaseSettings):
     bridge_port: int = Field(8001, description="HTTP port of the SSE bridge")
     envoy_port: int = Field(8080, description="Envoy listener: OpenAI REST and gRPC")
     envoy_admin_port: int = Field(9901, description="Envoy admin interface (always bound to 127.0.0.1)")
+    envoy_stats_port: int = Field(9902, description="Envoy listener serving only GET /stats/prometheus (for "
+                                                    "Prometheus; the admin stays on 127.0.0.1) (-1 = off)")
     metrics_port: int = Field(9464, description="Prometheus metrics of the service (0 = pick a free port, -1 = off)")
+    bridge_metrics_port: int = Field(9564, description="Prometheus metrics of the SSE bridge; with --bridge-workers, "
+                                                       "worker i uses this + i (0 = pick a free port, -1 = off)")
     grpc_target: str = Field("", description="gRPC address the bridge calls (default: host:grpc_port)")
     api_keys_file: str = Field("", description="API keys Envoy enforces (Bearer): a file of `KEY CLIENT_ID` lines, "
                                                "# comments; the client id is forwarded as x-client-id "

@@ -48,6 +48,7 @@ class ChoiceEvent:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
+    queue_time_s: float | None = None  # on the choice's first event, when the engine measured it
 
 
 async def _run_one(engine: Engine, spec: ChoiceSpec) -> AsyncIterator[ChoiceEvent]:
@@ -55,8 +56,11 @@ async def _run_one(engine: Engine, spec: ChoiceSpec) -> AsyncIterator[ChoiceEven
                                 images=spec.images)
     matcher = StopStringMatcher(spec.stop)
     parser = ToolCallParser() if spec.parse_tool_calls else None
+    queue_time_s: float | None = None  # carried to the first event that is yielded
     async with contextlib.aclosing(engine.generate(request)) as deltas:
         async for delta in deltas:
+            if delta.queue_time_s is not None:
+                queue_time_s = delta.queue_time_s
             text = matcher.feed(delta.text)
             finish = "stop" if matcher.matched else (delta.finish_reason.value if delta.finish_reason else None)
             if finish is not None and not matcher.matched:
@@ -73,7 +77,8 @@ async def _run_one(engine: Engine, spec: ChoiceSpec) -> AsyncIterator[ChoiceEven
                     finish = "tool_calls"
             if text or calls or finish or delta.logprobs:
                 yield ChoiceEvent(spec.index, text, calls, delta.logprobs, finish, delta.prompt_tokens,
-                                  delta.completion_tokens, delta.cached_prompt_tokens)
+                                  delta.completion_tokens, delta.cached_prompt_tokens, queue_time_s)
+                queue_time_s = None
             if finish:
                 return
     raise EngineFailure("the engine ended a stream without a finish reason")

@@ -1,8 +1,13 @@
-"""What every GenerationService RPC gets, done once: error mapping, metrics and logging (a grpc.aio interceptor).
+"""What every GenerationService RPC gets, done once: error mapping, metrics, logs and traces (a grpc.aio
+interceptor).
 
 The servicer's methods just return or yield messages and raise ServiceError or typed engine errors; this
-interceptor turns any exception into a gRPC status with AIP-193 details (service.errors), counts the RPC by
-method and final code (`genrpc_requests_total`), times it, and logs failures that are not the client's.
+interceptor turns any exception into a gRPC status with AIP-193 details (service.errors), opens the RPC's
+RequestRecord (service.metrics; the servicer fills in tokens and timings), and when the RPC ends: observes the
+metrics (`genrpc_requests_total` by method and final code, tokens, latencies, per client), writes one JSON
+access-log line (logger `genrpc.access`), and, when tracing is on, records the RPC's span with its queue,
+prefill and stream phases as children, in the caller's trace (traceparent metadata). Failures that are not
+the client's are logged too.
 
 A stream that ends before its body finished without an error of its own was cancelled (client cancel,
 deadline, disconnect): it counts as CANCELLED. grpc.aio then cancels the handler task, so the body sees
@@ -13,24 +18,33 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
 
 from genrpc.service.errors import ServiceError, abort, to_service_error
-from genrpc.service.metrics import ServiceMetrics
+from genrpc.service.metrics import RequestRecord, ServiceMetrics, current_request
+from genrpc.telemetry import Tracing, metadata_carrier, ns_at
 
 log = logging.getLogger("genrpc.service")
+access_log = logging.getLogger("genrpc.access")
+
+# GenAI semconv operation names of the generating RPCs (the others are plain RPC spans).
+_OPERATIONS = {"Chat": "chat", "CreateChatCompletion": "chat", "Generate": "text_completion",
+               "CreateCompletion": "text_completion"}
 
 
 class ServiceInterceptor(grpc.aio.ServerInterceptor):
     """Wraps the unary-unary and unary-stream methods of the services whose full names are given."""
 
-    def __init__(self, metrics: ServiceMetrics, service_names: tuple[str, ...]):
+    def __init__(self, metrics: ServiceMetrics, service_names: tuple[str, ...], tracing: Tracing | None = None):
         self._metrics = metrics
+        self._tracing = tracing or Tracing()
         self._prefixes = tuple(f"/{name}/" for name in service_names)
 
     async def intercept_service(self, continuation: Callable[[Any], Awaitable[grpc.RpcMethodHandler]],
@@ -52,7 +66,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
 
     def _unary(self, method: str, behaviour: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]):
         async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            with self._observed(method) as outcome:
+            with self._observed(method, context) as outcome:
                 try:
                     return await behaviour(request, context)
                 except BaseException as exc:  # noqa: BLE001 - every failure becomes a precise status
@@ -61,7 +75,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
 
     def _stream(self, method: str, behaviour: Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]]):
         async def handle(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            with self._observed(method) as outcome:
+            with self._observed(method, context) as outcome:
                 try:
                     async with contextlib.aclosing(behaviour(request, context)) as replies:
                         async for reply in replies:
@@ -71,18 +85,63 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         return handle
 
     @contextlib.contextmanager
-    def _observed(self, method: str):
-        """Counts and times the RPC. `outcome["code"]` is the final code: OK only if the body completed."""
-        started = time.perf_counter()
+    def _observed(self, method: str, context: grpc.aio.ServicerContext):
+        """Records the RPC. `outcome["code"]` is the final code: OK only if the body completed."""
+        metadata = tuple(context.invocation_metadata() or ())
+        headers = {k: v for k, v in metadata if isinstance(v, str)}
+        record = RequestRecord(method=method, request_id=headers.get("x-request-id") or uuid.uuid4().hex,
+                               client_id=self._metrics.client_label(headers.get("x-client-id")),
+                               started=time.perf_counter())
+        token = current_request.set(record)
         outcome: dict[str, grpc.StatusCode | None] = {"code": None}
         try:
             yield outcome
             if outcome["code"] is None:
                 outcome["code"] = grpc.StatusCode.OK
         finally:
+            current_request.reset(token)
             code = outcome["code"] or grpc.StatusCode.CANCELLED  # left early without an error: cancelled
-            self._metrics.requests.labels(method, code.name).inc()
-            self._metrics.request_duration.labels(method).observe(time.perf_counter() - started)
+            duration_s = time.perf_counter() - record.started
+            self._metrics.observe(record, code.name, duration_s)
+            _log_access(record, code, duration_s)
+            if self._tracing.enabled:
+                self._trace(record, code, metadata_carrier(metadata))
+
+    def _trace(self, record: RequestRecord, code: grpc.StatusCode, carrier: dict[str, str]) -> None:
+        """The RPC's span and its phases, recorded after the fact from the record's timestamps."""
+        operation = _OPERATIONS.get(record.method)
+        attributes = {"rpc.system": "grpc", "rpc.service": "genrpc.v1.GenerationService",
+                      "rpc.method": record.method, "rpc.grpc.status_code": code.value[0],
+                      "genrpc.request_id": record.request_id, "genrpc.client_id": record.client_id}
+        if operation:
+            attributes |= {"gen_ai.operation.name": operation, "gen_ai.provider.name": "genrpc",
+                           "gen_ai.request.model": record.model or self._metrics.model_name,
+                           "gen_ai.usage.input_tokens": record.prompt_tokens,
+                           "gen_ai.usage.output_tokens": record.completion_tokens}
+            if record.max_tokens is not None:
+                attributes["gen_ai.request.max_tokens"] = record.max_tokens
+            if record.finish_reasons:
+                attributes["gen_ai.response.finish_reasons"] = tuple(record.finish_reasons)
+            if record.cached_prompt_tokens:
+                attributes["gen_ai.usage.cache_read.input_tokens"] = record.cached_prompt_tokens
+        name = f"{operation} {record.model}" if operation and record.model else f"GenerationService/{record.method}"
+        tracing = self._tracing
+        span = tracing.start_server_span(name, carrier, attributes, start_ns=ns_at(record.started))
+        if code != grpc.StatusCode.OK:
+            tracing.set_error(span, code.name)
+        end_ns = time.time_ns()
+        if record.generation_started is not None:
+            queued = ns_at(record.generation_started)
+            admitted = queued + int((record.queue_time_s or 0.0) * 1e9)
+            if record.queue_time_s is not None:
+                tracing.record_span("queue", span, queued, admitted)
+            if record.ttft_s is not None:
+                first = ns_at(record.started + record.ttft_s)
+                tracing.record_span("prefill", span, admitted, first,
+                                    {"gen_ai.usage.input_tokens": record.prompt_tokens})
+                tracing.record_span("stream", span, first, end_ns,
+                                    {"gen_ai.usage.output_tokens": record.completion_tokens})
+        span.end(end_time=end_ns)
 
     @staticmethod
     async def _fail(method: str, context: grpc.aio.ServicerContext, exc: BaseException,
@@ -111,3 +170,18 @@ def reported_error(method: str, exc: Exception) -> ServiceError:
     elif not isinstance(exc, ServiceError):
         log.info("%s: %s: %s", method, error.code.name, error.message)
     return error
+
+
+def _log_access(record: RequestRecord, code: grpc.StatusCode, duration_s: float) -> None:
+    """One JSON line per RPC (request id = Envoy's x-request-id, so it joins Envoy's access log)."""
+    if not access_log.isEnabledFor(logging.INFO):
+        return
+    access_log.info(json.dumps({
+        "event": "request", "request_id": record.request_id, "client_id": record.client_id,
+        "model": record.model or None, "endpoint": record.method, "status": code.name,
+        "prompt_tokens": record.prompt_tokens, "completion_tokens": record.completion_tokens,
+        "cached_prompt_tokens": record.cached_prompt_tokens,
+        "ttft_s": None if record.ttft_s is None else round(record.ttft_s, 6),
+        "queue_time_s": None if record.queue_time_s is None else round(record.queue_time_s, 6),
+        "duration_s": round(duration_s, 6), "finish_reasons": record.finish_reasons or None,
+    }, separators=(",", ":")))

@@ -12,6 +12,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from genrpc.settings import Settings
+from genrpc.telemetry import configure_tracing
 from genrpc.v1 import generation_service_pb2, generation_service_pb2_grpc
 from genrpc.service.engines.base import Engine, ExportsMetrics
 from genrpc.service.engines.factory import build_engine
@@ -33,7 +34,8 @@ class GenrpcServer:
     def __init__(self, settings: Settings, engine: Engine):
         self.settings = settings
         self.engine = engine
-        self.metrics = ServiceMetrics(engine)
+        self.metrics = ServiceMetrics(engine, model_name=settings.model_id)
+        self.tracing = configure_tracing("genrpc-service")  # OTEL_* variables; off by default
         if isinstance(engine, ExportsMetrics) and settings.metrics_port >= 0:
             for collector in engine.prometheus_collectors():  # the runtime's own metrics beside genrpc's
                 self.metrics.registry.register(collector)
@@ -43,7 +45,7 @@ class GenrpcServer:
                                            response_store=self.response_store)
         self.health = health.aio.HealthServicer()
         self.grpc_server = grpc.aio.server(
-            interceptors=[ServiceInterceptor(self.metrics, (SERVICE_NAME,))],
+            interceptors=[ServiceInterceptor(self.metrics, (SERVICE_NAME,), self.tracing)],
             options=[("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
                      ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
                      # Envoy pings every 30 s (connection_keepalive). gRPC's default allows one ping per 5 min
@@ -81,6 +83,7 @@ class GenrpcServer:
         log.info("gRPC listening on %s:%d (metrics on :%s); loading the model", self.settings.host, self.port,
                  self.metrics_port)
         await self.engine.start()
+        self.metrics.bind_model(self.engine.model_info.model_id)
         self.servicer.mark_ready()
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("model %s ready: SERVING", self.engine.model_info.model_id)
@@ -91,6 +94,7 @@ class GenrpcServer:
         await self.grpc_server.stop(self.settings.shutdown_grace_s if grace_s is None else grace_s)
         await self.engine.shutdown()
         self.response_store.close()
+        self.tracing.shutdown()
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()

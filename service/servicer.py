@@ -20,7 +20,7 @@ from genrpc.service.choices import ChoiceEvent, ChoiceSpec, run_choices
 from genrpc.service.constraints import Constraint, forced_tool_call_grammar, response_format_constraint
 from genrpc.service.engines.base import Engine, SamplingParams, TokenLogprob
 from genrpc.service.errors import ContextLengthExceeded, InvalidArgument, ModelNotFound, NotReady
-from genrpc.service.metrics import ServiceMetrics
+from genrpc.service.metrics import ServiceMetrics, current_request
 from genrpc.service.prompts import fit_messages_to_budget, message_images, render_chat
 from genrpc.service.responses import NULL, string_value
 from genrpc.service.responses_api import ResponsesMixin
@@ -175,25 +175,42 @@ class GenerationServicer(ResponsesMixin, generation_service_pb2_grpc.GenerationS
 
     async def _events(self, prepared: _Prepared, stream_interval: int = 0) -> AsyncIterator[tuple[ChoiceEvent, bool]]:
         """The merged choice events (coalesced, see service.choices), each with whether it is the very last
-        finish of the request."""
-        started = time.perf_counter()
+        finish of the request. Fills in the RPC's RequestRecord (tokens, TTFT, queue time) and observes
+        inter-token latency as outputs stream (a coalesced event's interval is shared by its tokens)."""
+        record = current_request.get()
+        if record is not None:
+            record.model = prepared.model
+            record.prompt_tokens = prepared.prompt_tokens
+            record.max_tokens = prepared.decoding.max_tokens
+            record.generation_started = time.perf_counter()
+        itl = self._metrics.inter_token_latency.labels(self._metrics.model_name)
+        last_output: dict[int, tuple[float, int]] = {}  # choice -> (time, completion tokens) of its last output
         unfinished = len(prepared.specs)
-        first = True
-        completion_tokens = 0
         has_images = any(spec.images for spec in prepared.specs)
         async with contextlib.aclosing(run_choices(self._engine, prepared.specs, stream_interval)) as events:
             async for event in events:
-                if first and (event.text or event.tool_calls):
-                    self._metrics.time_to_first_token.observe(time.perf_counter() - started)
-                    first = False
+                now = time.perf_counter()
+                if record is not None:
+                    if event.queue_time_s is not None and record.queue_time_s is None:
+                        record.queue_time_s = event.queue_time_s
+                    if record.ttft_s is None and (event.text or event.tool_calls):
+                        record.ttft_s = now - record.started
+                if event.text or event.tool_calls or event.finish_reason:
+                    previous = last_output.get(event.index)
+                    if previous is not None and event.completion_tokens > previous[1]:
+                        itl.observe((now - previous[0]) / (event.completion_tokens - previous[1]))
+                    last_output[event.index] = (now, event.completion_tokens)
+                    if record is not None:  # so far, also for a stream cancelled before it finished
+                        record.completion_tokens = sum(tokens for _, tokens in last_output.values())
                 if event.finish_reason:
                     unfinished -= 1
-                    completion_tokens += event.completion_tokens
                     if has_images:  # the engine counted the expanded images; the service only placeholders
                         prepared.prompt_tokens = max(prepared.prompt_tokens, event.prompt_tokens)
+                    if record is not None:
+                        record.prompt_tokens = prepared.prompt_tokens
+                        record.cached_prompt_tokens = max(record.cached_prompt_tokens, event.cached_tokens)
+                        record.finish_reasons.append(event.finish_reason)
                 yield event, unfinished == 0
-        self._metrics.prompt_tokens.inc(prepared.prompt_tokens)
-        self._metrics.completion_tokens.inc(completion_tokens)
 
     def _fingerprint(self) -> str:
         return self._engine.model_info.fingerprint or f"genrpc-{self._engine.model_info.model_id}"

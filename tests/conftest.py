@@ -23,12 +23,14 @@ class Stack:
         self.grpc_address = f"127.0.0.1:{ports['grpc_port']}"
         self.metrics_url = f"http://127.0.0.1:{ports['metrics_port']}/metrics"
         self.bridge_url = f"http://127.0.0.1:{ports['bridge_port']}"
+        self.bridge_metrics_url = f"http://127.0.0.1:{ports['bridge_metrics_port']}/metrics"
+        self.envoy_stats_url = f"http://127.0.0.1:{ports['envoy_stats_port']}/stats/prometheus"
 
 
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory):
     ports = {name: free_port() for name in ("grpc_port", "bridge_port", "envoy_port", "envoy_admin_port",
-                                            "metrics_port")}
+                                            "envoy_stats_port", "metrics_port", "bridge_metrics_port")}
     env = {f"GENRPC_{name.upper()}": str(port) for name, port in ports.items()}
     env["GENRPC_SHUTDOWN_GRACE_S"] = "2"
     log_path = tmp_path_factory.mktemp("stack") / "genrpc-up.log"

@@ -43,8 +43,9 @@ class CharTokenizer:
 
 class ScriptedEngine:
     def __init__(self, reply: str = "Hello world!", context_length: int = 256, step_delay_s: float = 0.0,
-                 accepts_images: bool = False):
+                 accepts_images: bool = False, queue_time_s: float | None = None):
         self.reply = reply
+        self.queue_time_s = queue_time_s  # reported on each request's first delta, as a real engine measures it
         self.step_delay_s = step_delay_s
         self._info = ModelInfo(model_id="scripted", context_length_tokens=context_length,
                                accepts_images=accepts_images)
@@ -91,7 +92,8 @@ class ScriptedEngine:
                     reason = FinishReason.STOP if len(self.reply) <= limit else FinishReason.LENGTH
                     finished = True
                 yield GenerationDelta(text=char, token_ids=(ord(char),), completion_tokens=i + 1,
-                                      prompt_tokens=len(request.prompt_token_ids), finish_reason=reason)
+                                      prompt_tokens=len(request.prompt_token_ids), finish_reason=reason,
+                                      queue_time_s=self.queue_time_s if i == 0 else None)
         finally:
             self.running -= 1
             if not finished:

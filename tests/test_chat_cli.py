@@ -22,7 +22,7 @@ TIMEOUT_S = 180  # one answer on a loaded 2-core machine
 
 def running_requests(stack) -> float:
     text = httpx.get(stack.metrics_url).text
-    return float(re.search(r"^genrpc_running_requests (\S+)$", text, re.M).group(1))
+    return float(re.search(r"^genrpc_running_requests\{[^}]*\} (\S+)$", text, re.M).group(1))
 
 
 def wait_for(predicate, timeout_s: float, what: str) -> None:

@@ -5,6 +5,7 @@ SIGTERM drains streams through Envoy (SSE and gRPC) before the front door closes
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sys
 import threading
@@ -27,7 +28,7 @@ LONG = [{"role": "user", "content": "Write a long story about a dragon who learn
 class Up:
     def __init__(self, tmp_path: Path, grace_s: float = 20):
         self.ports = {name: free_port() for name in ("grpc_port", "bridge_port", "envoy_port", "envoy_admin_port",
-                                                     "metrics_port")}
+                                                     "envoy_stats_port", "metrics_port", "bridge_metrics_port")}
         env = {f"GENRPC_{name.upper()}": str(port) for name, port in self.ports.items()}
         env["GENRPC_SHUTDOWN_GRACE_S"] = str(grace_s)
         self.log_path = tmp_path / "genrpc-up.log"
@@ -158,7 +159,7 @@ def test_service_crash_unavailable_then_recovers(up):
     reply = sdk(up).chat.completions.create(model=DEFAULT_MODEL_ID, messages=LONG, max_tokens=4)
     assert reply.usage.completion_tokens == 4
     metrics = httpx.get(f"http://127.0.0.1:{up.ports['metrics_port']}/metrics").text
-    assert "genrpc_running_requests 0.0" in metrics
+    assert re.search(r"^genrpc_running_requests\{[^}]*\} 0\.0$", metrics, re.M)
     channel.close()
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import atexit
 import base64
 import functools
+import json
 import importlib.util
 import pathlib
 import re
@@ -360,8 +361,34 @@ def test_only_the_front_reaches_the_grpc_port(overlay):
     peers = [p["podSelector"]["matchLabels"]["app.kubernetes.io/name"] for p in grpc_rules[0]["from"]]
     assert sorted(peers) == ["genrpc-bridge", "genrpc-envoy"]  # the bridge is reachable from Envoy only:
     bridge_policy = find(docs, "NetworkPolicy", "genrpc-bridge-ingress")
-    assert [p["podSelector"]["matchLabels"]["app.kubernetes.io/name"]
-            for r in bridge_policy["spec"]["ingress"] for p in r["from"]] == ["genrpc-envoy"]
+    bridge = container(find(docs, "Deployment", "genrpc-bridge"), "bridge")
+    by_port = {r["ports"][0]["port"]: r["from"] for r in bridge_policy["spec"]["ingress"]}
+    assert set(by_port) == {port_of(bridge, "http"), port_of(bridge, "metrics")}
+    assert [p["podSelector"]["matchLabels"]["app.kubernetes.io/name"] for p in by_port[port_of(bridge, "http")]] \
+        == ["genrpc-envoy"]
+    assert all("namespaceSelector" in p and "podSelector" not in p for p in by_port[port_of(bridge, "metrics")])
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_probes_and_scrape_targets(overlay):
+    """The service keeps gRPC probes; the bridge and Envoy use the HTTP health endpoints; every pod says where
+    Prometheus scrapes it, on a port its container declares (Envoy: the stats listener, not the admin)."""
+    docs = render(overlay)
+    service = container(find(docs, "Deployment", "genrpc-service"), "service")
+    assert all("grpc" in service[probe] for probe in ("startupProbe", "readinessProbe", "livenessProbe"))
+    bridge = container(find(docs, "Deployment", "genrpc-bridge"), "bridge")
+    assert bridge["readinessProbe"]["httpGet"]["path"] == "/health/ready"
+    assert bridge["livenessProbe"]["httpGet"]["path"] == "/health"
+    envoy = container(find(docs, "Deployment", "genrpc-envoy"), "envoy")
+    assert envoy["readinessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
+    init = find(docs, "Deployment", "genrpc-envoy")["spec"]["template"]["spec"]["initContainers"][0]
+    for name, c, port_name in (("genrpc-service", service, "metrics"), ("genrpc-bridge", bridge, "metrics"),
+                               ("genrpc-envoy", envoy, "stats")):
+        annotations = find(docs, "Deployment", name)["spec"]["template"]["metadata"]["annotations"]
+        assert annotations["prometheus.io/scrape"] == "true"
+        assert int(annotations["prometheus.io/port"]) == port_of(c, port_name)
+    assert f"--envoy-stats-port={port_of(envoy, 'stats')}" in init["args"]
+    assert int(env_of(bridge)["GENRPC_BRIDGE_METRICS_PORT"]) == port_of(bridge, "metrics")
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -389,6 +416,16 @@ def test_dockerfiles_lint(dockerfile):
     assert "!setup.py" in ignore
     if dockerfile == "Dockerfile.service-gpu":
         assert "sglang==0.5.23" in text
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_grafana_dashboard_configmap(overlay):
+    """The repository's dashboard ships as a ConfigMap the Grafana sidecar discovers (label grafana_dashboard=1)."""
+    cm = find(render(overlay), "ConfigMap", "genrpc-grafana-dashboard")
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+    shipped = json.loads(cm["data"]["genrpc-dashboard.json"])
+    assert shipped == json.loads((ROOT / "k8s/base/monitoring/genrpc-dashboard.json").read_text())
+    assert shipped["uid"] == "genrpc" and shipped["panels"]
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)

@@ -49,7 +49,7 @@ async def test_page_is_public_self_contained_and_the_api_keeps_its_keys(tmp_path
 
 def running_requests(stack) -> float:
     text = httpx.get(stack.metrics_url).text
-    return float(re.search(r"^genrpc_running_requests (\S+)$", text, re.M).group(1))
+    return float(re.search(r"^genrpc_running_requests\{[^}]*\} (\S+)$", text, re.M).group(1))
 
 
 def wait_for(predicate, timeout_s: float, what: str):

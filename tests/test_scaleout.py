@@ -59,7 +59,7 @@ class Replica:
     def running(self) -> int:
         """Requests this replica's engine is running now."""
         with urllib.request.urlopen(f"http://{HOST}:{self.metrics_port}/metrics", timeout=5) as response:
-            return round(float(re.search(r"^genrpc_running_requests (\S+)$", response.read().decode(), re.M)[1]))
+            return round(float(re.search(r"^genrpc_running_requests\{[^}]*\} (\S+)$", response.read().decode(), re.M)[1]))
 
 
 @dataclass

@@ -245,7 +245,8 @@ async def test_client_cancel_closes_engine_stream():
 
 
 def requests_total(server, method: str, code: str) -> float:
-    return server.metrics.registry.get_sample_value("genrpc_requests_total", {"method": method, "code": code}) or 0.0
+    return server.metrics.registry.get_sample_value("genrpc_requests_total", {"model_name": "scripted", "method": method,
+                                                                                 "code": code}) or 0.0
 
 
 async def test_cancelled_stream_counts_as_cancelled_and_finished_one_as_ok():

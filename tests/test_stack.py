@@ -39,7 +39,7 @@ def chat_request(stack, **fields) -> chat_pb2.ChatCompletionRequest:
 
 def running_requests(stack) -> float:
     text = httpx.get(stack.metrics_url).text
-    return float(re.search(r"^genrpc_running_requests (\S+)$", text, re.M).group(1))
+    return float(re.search(r"^genrpc_running_requests\{[^}]*\} (\S+)$", text, re.M).group(1))
 
 
 def wait_for(predicate, timeout_s: float = 10.0) -> bool:

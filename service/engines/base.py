@@ -119,6 +119,9 @@ class GenerationDelta:
     finish_reason: FinishReason | None = None
     cached_prompt_tokens: int = 0
     logprobs: tuple[TokenLogprob, ...] = ()  # one per token in token_ids, when SamplingParams.logprobs is set
+    # On the first delta only: seconds the request waited for a batch slot before its prefill started
+    # (None = the engine does not measure it). Feeds genrpc_request_queue_time_seconds and the queue span.
+    queue_time_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -194,6 +197,15 @@ class Engine(Protocol):
     async def shutdown(self) -> None:
         """Aborts everything still running and releases the model."""
         ...
+
+
+@runtime_checkable
+class ReportsCapacity(Protocol):
+    """Optional beside `Engine`: an engine with a fixed number of batch slots reports it (slot utilisation is
+    running_requests / max_running_requests)."""
+
+    @property
+    def max_running_requests(self) -> int: ...
 
 
 @runtime_checkable

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import functools
 import json
 import logging
@@ -288,6 +289,10 @@ class LlamaCppEngine:
     def waiting_requests(self) -> int:
         return self._waiting
 
+    @property
+    def max_running_requests(self) -> int:
+        return self._config.slots
+
     async def start(self) -> None:
         gguf = self._config.gguf_path
         if gguf.is_dir():
@@ -336,7 +341,9 @@ class LlamaCppEngine:
                                    f"{context}", "messages")
         body["repeat_last_n"] = context
         body["n_predict"] = min(body["n_predict"], context - len(request.prompt_token_ids))
+        queued_at = time.perf_counter()
         await self._acquire_slot()
+        queue_time_s: float | None = time.perf_counter() - queued_at  # reported on the first delta
         stream = _Stream(asyncio.get_running_loop(), request, frozenset(request.sampling.stop_token_ids),
                          self.tokenizer, self._recover_ids)
         assert self._executor is not None
@@ -348,6 +355,8 @@ class LlamaCppEngine:
                 item = await stream.queue.get()
                 if isinstance(item, BaseException):
                     raise item
+                if queue_time_s is not None:
+                    item, queue_time_s = dataclasses.replace(item, queue_time_s=queue_time_s), None
                 yield item
                 if item.finish_reason is not None:
                     return

@@ -11,8 +11,9 @@ became padding for every remaining row are trimmed.
 from __future__ import annotations
 
 import asyncio
+import time
 import types
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -37,6 +38,8 @@ class Job:
     limit: int  # completion tokens allowed: min(max_tokens, context window - prompt)
     grammar: Any = None  # xgrammar CompiledGrammar of a json_schema/ebnf request (compiled before queueing)
     cancelled: bool = False  # set by the consumer's thread; read by the worker between steps
+    queued_at: float = field(default_factory=time.monotonic)
+    queue_time_s: float | None = None  # set when the worker takes the job off the queue
     done: bool = False
     # Filled in at prefill:
     sampler: Sampler | None = None

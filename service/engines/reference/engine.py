@@ -74,6 +74,10 @@ class ReferenceEngine:
     def waiting_requests(self) -> int:
         return len(self._waiting)
 
+    @property
+    def max_running_requests(self) -> int:
+        return self._config.max_batch_size
+
     async def start(self) -> None:
         await asyncio.to_thread(self._load)
         self._thread = threading.Thread(target=self._worker, name="cpu-engine", daemon=True)
@@ -222,6 +226,9 @@ class ReferenceEngine:
                 return None
             free = self._config.max_batch_size - len(batch.rows)
             jobs = [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
+            now = time.monotonic()
+            for job in jobs:
+                job.queue_time_s = now - job.queued_at
             self._running += len(jobs)
             self.admitted_requests += len(jobs)
             return jobs
@@ -270,7 +277,8 @@ class ReferenceEngine:
         job.done = reason is not None
         job.send(GenerationDelta(text=text, token_ids=(token,), completion_tokens=job.generated,
                                  prompt_tokens=job.prompt_tokens, finish_reason=reason,
-                                 logprobs=(logprob,) if logprob else ()))
+                                 logprobs=(logprob,) if logprob else (),
+                                 queue_time_s=job.queue_time_s if job.generated == 1 else None))
 
     def _fail(self, job: Job, exc: BaseException) -> None:
         """Ends a job with an engine error (a runtime failure becomes EngineInternalError, wrapped once)."""
