@@ -58,10 +58,14 @@ class Upstream:
             ("grpc.service_config", CHANNEL_SERVICE_CONFIG),
         ])
         self.stub = generation_service_pb2_grpc.GenerationServiceStub(self.channel)
-        self.readiness = ServiceReadiness(self.channel, target)
+        # Its own channel: the calls' channel checks health client-side and has no usable connection while
+        # the service is NOT_SERVING, which is exactly when /health/ready must still tell loading from draining.
+        self._health_channel = grpc.aio.insecure_channel(target)
+        self.readiness = ServiceReadiness(self._health_channel, target)
 
     async def close(self) -> None:
         await self.readiness.stop()
+        await self._health_channel.close()
         await self.channel.close()
 
 

@@ -13,7 +13,9 @@ import pytest
 from _procs import HOST, free_port, run_envoy
 from genrpc.bridge.dashscope import BadRequest, TEXT_GENERATION_PATH, plan_request
 from genrpc import error_table
+from genrpc.service.server import create_server
 from genrpc.settings import Settings
+from scripted_engine import ScriptedEngine
 from test_envoy_config import start_bridge
 
 REPLY = "Hello world!"
@@ -74,13 +76,10 @@ def test_chat_only_parameters_are_refused_with_a_prompt():
 
 @pytest.fixture(scope="module")
 async def stack(tmp_path_factory):
-    try:
-        from scripted_engine import ScriptedEngine
-        from genrpc.service.server import create_server
-    except ImportError as e:  # the service is written concurrently
-        pytest.skip(f"service not available yet: {e}")
     engine = ScriptedEngine(reply=REPLY)
-    settings = Settings(host=HOST, grpc_port=0, metrics_port=-1, shutdown_grace_s=1, log_level="warning")
+    # one message per token: these tests check DashScope's per-token events (adaptive coalescing would merge them)
+    settings = Settings(host=HOST, grpc_port=0, metrics_port=-1, shutdown_grace_s=1, log_level="warning",
+                        stream_interval=1)
     server, port = create_server(settings, engine)
     await server.start()
     bsettings, bserver, btask = await start_bridge(port)
