@@ -105,5 +105,7 @@ def create_app(settings: Settings) -> Starlette:
               methods=["GET", "POST", "PUT", "DELETE", "PATCH"]),
         *playground.routes(),  # the chat page at /playground and / (bridge/playground.py)
     ]
-    return Starlette(routes=routes, lifespan=lifespan, exception_handlers={
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={
         404: _not_found, 405: _method_not_allowed, 500: _server_error})
+    app.state.send_timeout_s = settings.bridge_send_timeout_s  # read by stream.SSEResponse
+    return app

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from genrpc.v1 import chat_pb2, completion_pb2, generation_service_pb2_grpc, model_pb2
 from genrpc.service import responses, validation
+from genrpc.service.client_limits import TokensPerMinute, current_client
 from genrpc.service.choices import ChoiceEvent, ChoiceSpec, run_choices
 from genrpc.service.constraints import Constraint, forced_tool_call_grammar, response_format_constraint
 from genrpc.service.engines.base import Engine, SamplingParams, TokenLogprob
@@ -55,8 +56,9 @@ class _Prepared:
 
 class GenerationServicer(generation_service_pb2_grpc.GenerationServiceServicer):
     def __init__(self, engine: Engine, metrics: ServiceMetrics, *, default_max_tokens: int = 0,
-                 stream_interval: int = 0):
+                 stream_interval: int = 0, tokens_per_minute: TokensPerMinute | None = None):
         self._engine = engine
+        self._tokens_per_minute = tokens_per_minute  # per-client tpm limits: charged here, checked by the interceptor
         self._stream_interval = stream_interval  # server default; a request's stream_interval overrides it
         self._metrics = metrics
         self._default_max_tokens = default_max_tokens
@@ -178,19 +180,23 @@ class GenerationServicer(generation_service_pb2_grpc.GenerationServiceServicer):
         first = True
         completion_tokens = 0
         has_images = any(spec.images for spec in prepared.specs)
-        async with contextlib.aclosing(run_choices(self._engine, prepared.specs, stream_interval)) as events:
-            async for event in events:
-                if first and (event.text or event.tool_calls):
-                    self._metrics.time_to_first_token.observe(time.perf_counter() - started)
-                    first = False
-                if event.finish_reason:
-                    unfinished -= 1
-                    completion_tokens += event.completion_tokens
-                    if has_images:  # the engine counted the expanded images; the service only placeholders
-                        prepared.prompt_tokens = max(prepared.prompt_tokens, event.prompt_tokens)
-                yield event, unfinished == 0
-        self._metrics.prompt_tokens.inc(prepared.prompt_tokens)
-        self._metrics.completion_tokens.inc(completion_tokens)
+        try:
+            async with contextlib.aclosing(run_choices(self._engine, prepared.specs, stream_interval)) as events:
+                async for event in events:
+                    if first and (event.text or event.tool_calls):
+                        self._metrics.time_to_first_token.observe(time.perf_counter() - started)
+                        first = False
+                    if event.finish_reason:
+                        unfinished -= 1
+                        completion_tokens += event.completion_tokens
+                        if has_images:  # the engine counted the expanded images; the service only placeholders
+                            prepared.prompt_tokens = max(prepared.prompt_tokens, event.prompt_tokens)
+                    yield event, unfinished == 0
+            self._metrics.prompt_tokens.inc(prepared.prompt_tokens)
+            self._metrics.completion_tokens.inc(completion_tokens)
+        finally:  # a cancelled request is charged its prompt and its finished choices too
+            if self._tokens_per_minute:
+                self._tokens_per_minute.charge(current_client.get(), prepared.prompt_tokens + completion_tokens)
 
     def _fingerprint(self) -> str:
         return self._engine.model_info.fingerprint or f"genrpc-{self._engine.model_info.model_id}"
