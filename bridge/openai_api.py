@@ -187,7 +187,8 @@ ENDPOINTS = {
 
 
 def error_response(err: OpenAIError) -> Response:
-    return Response(err.json_bytes(), status_code=err.status, media_type="application/json")
+    headers = {"retry-after": err.retry_after_s} if err.retry_after_s else None
+    return Response(err.json_bytes(), status_code=err.status, media_type="application/json", headers=headers)
 
 
 async def handle(request: Request) -> Response | SSEResponse:

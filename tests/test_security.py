@@ -1,5 +1,5 @@
-"""Security and slow clients against the real stack (`genrpc up`, the synthetic engine so the stack starts in
-seconds; Envoy, bridge and service are the real processes): API keys on every path, per-client rate limits
+"""Security and slow clients against the real stack (`genrpc up`, the synthetic engine, unpaced, so the stack
+starts in seconds and a stream outruns any reader; Envoy, bridge and service are the real processes): API keys on every path, per-client rate limits
 (requests per second in Envoy, tokens per minute in the service), TLS and mTLS on Envoy's listener with a
 throwaway CA made here (openssl CLI), and slow or stalled clients (slowloris headers and bodies, an SSE reader
 that stops reading)."""
@@ -49,7 +49,7 @@ def secured(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("secured")
     keys = workdir / "keys"
     keys.write_text(KEYS)
-    stack = StackUp(workdir, os.getpid() % 10000 + 500, engine="synthetic", synthetic_tokens_per_s=200,
+    stack = StackUp(workdir, os.getpid() % 10000 + 500, engine="synthetic", synthetic_tokens_per_s=0,
                     api_keys_file=keys, request_headers_timeout_s=HEADERS_TIMEOUT_S,
                     request_timeout_s=REQUEST_TIMEOUT_S, bridge_send_timeout_s=SEND_TIMEOUT_S)
     try:
@@ -203,8 +203,10 @@ async def test_tokens_per_minute_per_client(secured):
         error = assert_openai_error(resp, 429)
         assert error["type"] == "rate_limit_error", error
         assert "client team-tpm: 150 tokens per minute" in error["message"], error
+        assert 1 <= int(resp.headers["retry-after"]) <= 60
         stream = await http.post(CHAT, json=chat_body(stream=True), headers={"authorization": "Bearer sk-tpm"})
         assert "150 tokens per minute" in assert_openai_error(stream, 429)["message"]
+        assert 1 <= int(stream.headers["retry-after"]) <= 60  # from the bridge
         resp = await http.post(CHAT, json=chat_body(max_tokens=40), headers={"authorization": "Bearer sk-good"})
         assert resp.status_code == 200
     async with grpc.aio.insecure_channel(secured.envoy) as channel:
@@ -369,6 +371,8 @@ def test_stalled_sse_reader_frees_its_slot(secured):
     Sent to the bridge's port directly: through Envoy the same happens only after Envoy's per-connection buffer
     (max_request_bytes, 32 MiB by default) has filled, which a bounded test cannot wait for."""
     assert secured.running_and_waiting() == (0, 0)
+    cancelled = 'genrpc_requests_total{code="CANCELLED",method="Chat"}'
+    cancelled_before = secured.metrics().get(cancelled, 0)
     body = json.dumps({**chat_body(stream=True, max_tokens=1_000_000), "stream_options": {"include_usage": True}})
     host, port = secured.bridge.split(":")
     sock = socket.socket()
@@ -387,5 +391,8 @@ def test_stalled_sse_reader_frees_its_slot(secured):
             assert time.monotonic() < deadline, "a stalled reader still holds its slot after 60 s"
             time.sleep(0.1)
         print(f"stalled reader's slot freed {time.monotonic() - started:.1f} s after the stream started")
+        # freed because the bridge cut the stream (not because it finished): cancelled, and said so in the log
+        assert secured.metrics().get(cancelled, 0) == cancelled_before + 1
+        assert "client stopped reading" in secured.log_path.read_text(errors="replace")
     finally:
         sock.close()
