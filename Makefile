@@ -60,7 +60,7 @@ protos: venv
 	$(PY) scripts/gen_request_fields.py
 
 bench: venv
-	$(PY) benchmarks/bench_cpu_engine.py
+	$(PY) benchmarks/bench_engines.py
 	$(PY) benchmarks/bench_stack.py
 
 # The front path (service + bridge + Envoy) with the synthetic engine: CPU per token, lag, TTFT (~4 minutes).

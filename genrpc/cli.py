@@ -7,9 +7,9 @@ import asyncio
 import logging
 import os
 import pathlib
-import signal
 import sys
 import tempfile
+from collections.abc import Callable
 from typing import Any
 
 from genrpc import chat as chat_module
@@ -29,60 +29,50 @@ def cmd_serve(settings: Settings, _: argparse.Namespace) -> int:
 
     _logging(settings)
     if settings.service_workers > 1:
-        return _serve_workers(settings)
+        if settings.grpc_port == 0:
+            logging.error("--service-workers > 1 needs a fixed --grpc-port (port 0 would give each worker its own)")
+            return 2
+        if settings.engine == "sglang":
+            logging.error("--service-workers > 1 would start one SGLang engine per worker on the same GPUs")
+            return 2
+        from genrpc import processes
+
+        # Worker i serves metrics on --metrics-port + i (when a fixed port is set).
+        return _run_workers(settings, "serve", settings.service_workers, "GENRPC_SERVICE_WORKERS",
+                            lambda i: {"GENRPC_METRICS_PORT": str(settings.metrics_port + i
+                                                                  if settings.metrics_port > 0
+                                                                  else settings.metrics_port)},
+                            lambda: processes.grpc_serving(settings.grpc_address())(), MODEL_LOAD_TIMEOUT_S)
     asyncio.run(serve(settings))
     return 0
-
-
-def _serve_workers(settings: Settings) -> int:
-    """`--service-workers N`: N service processes on one port (grpc servers set SO_REUSEPORT by default), each
-    with its own engine; this process only supervises: SIGTERM/SIGINT stop them all, one dying stops the rest.
-    Worker i serves metrics on --metrics-port + i (when a fixed port is set)."""
-    from genrpc import processes
-
-    log = logging.getLogger("genrpc.serve")
-    if settings.grpc_port == 0:
-        log.error("--service-workers > 1 needs a fixed --grpc-port (port 0 would give each worker its own)")
-        return 2
-    if settings.engine == "sglang":
-        log.error("--service-workers > 1 would start one SGLang engine per worker on the same GPUs")
-        return 2
-
-    def request_stop(signum, _frame):
-        raise KeyboardInterrupt
-
-    env = {**settings_env(settings), "GENRPC_SERVICE_WORKERS": "1"}
-    workers: list[processes.Child] = []
-    signal.signal(signal.SIGTERM, request_stop)
-    try:
-        for i in range(settings.service_workers):
-            metrics = settings.metrics_port + i if settings.metrics_port > 0 else settings.metrics_port
-            workers.append(processes.spawn(f"service-{i}", [sys.executable, "-m", "genrpc.cli", "serve"],
-                                           env={**env, "GENRPC_METRICS_PORT": str(metrics)}))
-        while all(w.alive() for w in workers):
-            try:
-                workers[0].process.wait(timeout=0.5)
-            except Exception:  # noqa: BLE001 - TimeoutExpired: keep watching all workers
-                pass
-        log.error("a service worker exited; stopping the others")
-        return 1
-    except KeyboardInterrupt:
-        return 0
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        for worker in workers:
-            worker.process.send_signal(signal.SIGTERM)
-        for worker in workers:
-            worker.stop(timeout_s=settings.shutdown_grace_s + 5)
 
 
 def cmd_bridge(settings: Settings, _: argparse.Namespace) -> int:
     from genrpc.bridge.server import serve
 
     _logging(settings)
+    if settings.bridge_workers > 1:
+        from genrpc import processes
+
+        return _run_workers(settings, "bridge", settings.bridge_workers, "GENRPC_BRIDGE_WORKERS",
+                            lambda i: {"GENRPC_REUSE_PORT": "true"},
+                            processes.http_ok(f"http://{settings.host}:{settings.bridge_port}/health"), 60)
     asyncio.run(serve(settings))
     return 0
+
+
+def _run_workers(settings: Settings, command: str, count: int, count_env: str,
+                 env_for: Callable[[int], dict[str, str]], ready: Callable[[], bool], ready_timeout_s: float) -> int:
+    """N processes of one command sharing its port (SO_REUSEPORT), so per-token Python work is not bound to one
+    GIL. This process only supervises them (genrpc.supervisor: a crashed worker is restarted; SIGTERM drains
+    them all at once). A worker's readiness is the shared port's, so each waits for any worker to answer."""
+    from genrpc.supervisor import ChildSpec, Supervisor
+
+    env = {**settings_env(settings), count_env: "1"}
+    argv = [sys.executable, "-m", "genrpc.cli", command]
+    specs = [ChildSpec(f"{command}-{i}", lambda: argv, ready, ready_timeout_s, {**env, **env_for(i)},
+                       stop_timeout_s=settings.shutdown_grace_s + 5) for i in range(count)]
+    return Supervisor(specs, stop_together=True).run()
 
 
 def settings_env(settings: Settings) -> dict[str, str]:

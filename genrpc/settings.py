@@ -58,7 +58,7 @@ class Settings(BaseSettings):
 
     # --- model and engine ---
     engine: Literal["llamacpp", "reference", "sglang", "synthetic"] = Field(
-        "reference", description="model runtime: llamacpp (GGUF on CPU), reference (torch, bit-identical alone "
+        "llamacpp", description="model runtime: llamacpp (GGUF on CPU), reference (torch, bit-identical alone "
                                  "or batched), sglang (GPUs) or synthetic (no model: timestamp tokens for "
                                  "front-path benchmarks only)")
     model: str = Field("", description="HF model directory or .gguf file (default: the bundled SmolLM2-135M)")
@@ -68,6 +68,8 @@ class Settings(BaseSettings):
     context_length: int = Field(0, description="context window in tokens (0 = the model's own)")
     max_batch_size: int = Field(16, description="requests decoded together in one step; more wait in a queue")
     max_queue: int = Field(256, description="requests waiting for a batch slot before RESOURCE_EXHAUSTED")
+    llamacpp_threads: int = Field(0, description="llama.cpp engine: CPU threads for decoding and prefill "
+                                                 "(0 = all cores)")
     torch_threads: int = Field(0, description="torch intra-op threads for the reference engine (0 = all cores)")
     reference_batch_invariant: bool = Field(True, description="reference engine: bit-identical results alone or batched "
                                       "(costs ~1.6x single-stream speed)")
@@ -96,6 +98,10 @@ class Settings(BaseSettings):
                                                       "bound to one GIL. The kernel spreads connections, not "
                                                       "streams. Needs a fixed port; not for sglang (one engine "
                                                       "owns the GPUs)")
+    bridge_workers: int = Field(1, ge=1, description="SSE bridge processes sharing --bridge-port (SO_REUSEPORT); "
+                                                     "the kernel spreads Envoy's connections over them")
+    reuse_port: bool = Field(False, description="bind the bridge's port with SO_REUSEPORT, shared with other "
+                                                "processes (set for the workers of --bridge-workers)")
 
     # --- operations ---
     log_level: str = Field("info", description="log level: debug, info, warning, error")

@@ -55,3 +55,17 @@ def test_workers_need_a_fixed_port(tmp_path):
     assert child.process.wait(timeout=60) == 2
     child.stop()
     assert "fixed --grpc-port" in child.output_tail()
+
+
+def test_two_bridge_workers_share_the_port_and_stop_together(tmp_path):
+    port = free_port()
+    env = {"GENRPC_BRIDGE_PORT": str(port), "GENRPC_GRPC_TARGET": f"{HOST}:{free_port()}",
+           "GENRPC_SHUTDOWN_GRACE_S": "1"}
+    supervisor = spawn("bridge", [sys.executable, "-m", "genrpc.cli", "bridge", "--bridge-workers", "2"], env=env,
+                       log_path=tmp_path / "bridge.log")
+    try:
+        wait_until(lambda: listeners(port) == 2, supervisor, 60, "listening twice")
+        wait_until(processes.http_ok(f"http://{HOST}:{port}/health"), supervisor, 60, "answering /health")
+    finally:
+        assert supervisor.stop(timeout_s=20) == 0
+    assert listeners(port) == 0
