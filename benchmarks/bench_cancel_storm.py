@@ -44,7 +44,8 @@ async def main() -> None:
             drains = []
             for round_number in range(args.rounds):
                 result = await storm_round(stack.envoy, DEFAULT_MODEL_ID, args.streams, stack.running_and_waiting,
-                                           seed=round_number, drain_limit_s=120)
+                                           seed=round_number, drain_limit_s=120,
+                                           max_tokens=100_000 if args.engine == "synthetic" else 1000)
                 rss.append(stack.service_rss_bytes())
                 drains.append(result.drain_s)
                 print(f"round {round_number + 1:2d}: opened {result.opened}/{args.streams}, refused "

@@ -80,17 +80,18 @@ def _plan(rng: random.Random, early_cancel_s: float) -> tuple[float, int]:
 
 async def storm_round(envoy: str, model: str, streams: int, running_and_waiting: Callable[[], tuple[float, float]],
                       *, early_cancel_s: float = 0.5, seed: int = 0, api_key: str = "",
-                      drain_limit_s: float = 30.0) -> RoundResult:
+                      drain_limit_s: float = 30.0, max_tokens: int = 100_000) -> RoundResult:
     rng = random.Random(seed)
     counts = {"opened": 0, "chunks": 0, "refused": 0}
-    body = {"model": model, "messages": [{"role": "user", "content": "storm"}], "max_tokens": 100_000,
-            "stream": True}
-    request = chat_pb2.ChatCompletionRequest(model=model, max_tokens=100_000, messages=[
+    # ignore_eos: a real model must not end a stream before its cancel
+    body = {"model": model, "messages": [{"role": "user", "content": "storm"}], "max_tokens": max_tokens,
+            "stream": True, "ignore_eos": True}
+    request = chat_pb2.ChatCompletionRequest(model=model, max_tokens=max_tokens, ignore_eos=True, messages=[
         chat_pb2.ChatMessage(role="user", content={"string_value": "storm"})])
     headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
     metadata = tuple(headers.items())
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=0)
-    async with httpx.AsyncClient(base_url=f"http://{envoy}", timeout=60, limits=limits) as http, \
+    async with httpx.AsyncClient(base_url=f"http://{envoy}", timeout=httpx.Timeout(None, connect=30), limits=limits) as http, \
             grpc.aio.insecure_channel(envoy) as channel:
         stub = generation_service_pb2_grpc.GenerationServiceStub(channel)
         tasks = []
