@@ -15,9 +15,9 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping
 
-from genrpc.service.errors import ServiceError
-
 import grpc
+
+from genrpc.service.errors import ServiceError
 
 CLIENT_ID_METADATA = "x-client-id"
 WINDOW_S = 60.0

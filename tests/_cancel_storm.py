@@ -1,9 +1,9 @@
 """One round of a cancel storm against a running stack (shared by tests/test_cancel_storm.py and
 benchmarks/bench_cancel_storm.py): `streams` streams opened at once, half SSE through Envoy (httpx), half native
-gRPC through Envoy (grpcio); each is cancelled at a random point (one in ten after a random delay, mostly
-before its first chunk; the others mid-stream after a random number of chunks, see _plan); then the time from the last cancel until the
-service reports nothing running and nothing waiting (its /metrics: genrpc_running_requests, which reads the
-engine's own count, and genrpc_waiting_requests)."""
+gRPC through Envoy (grpcio); each is cancelled at a random point (one in ten after a random delay, mostly before
+its first chunk; the others mid-stream after a random number of chunks, see _plan); then the time from the last
+cancel until the service reports nothing running and nothing waiting (its /metrics: genrpc_running_requests,
+which reads the engine's own count, and genrpc_waiting_requests)."""
 
 from __future__ import annotations
 
@@ -91,7 +91,8 @@ async def storm_round(envoy: str, model: str, streams: int, running_and_waiting:
     headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
     metadata = tuple(headers.items())
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=0)
-    async with httpx.AsyncClient(base_url=f"http://{envoy}", timeout=httpx.Timeout(None, connect=30), limits=limits) as http, \
+    timeout = httpx.Timeout(None, connect=30)  # a queued stream may wait long for its first chunk
+    async with httpx.AsyncClient(base_url=f"http://{envoy}", timeout=timeout, limits=limits) as http, \
             grpc.aio.insecure_channel(envoy) as channel:
         stub = generation_service_pb2_grpc.GenerationServiceStub(channel)
         tasks = []

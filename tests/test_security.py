@@ -1,8 +1,8 @@
-"""Security and slow clients against the real stack (`genrpc up`, the synthetic engine, unpaced, so the stack
-starts in seconds and a stream outruns any reader; Envoy, bridge and service are the real processes): API keys on every path, per-client rate limits
-(requests per second in Envoy, tokens per minute in the service), TLS and mTLS on Envoy's listener with a
-throwaway CA made here (openssl CLI), and slow or stalled clients (slowloris headers and bodies, an SSE reader
-that stops reading)."""
+"""Security and slow clients against the real stack (`genrpc up` with the synthetic engine, unpaced, so the
+stack starts in seconds and a stream outruns any reader; Envoy, bridge and service are the real processes): API
+keys on every path, per-client rate limits (requests per second in Envoy, tokens per minute in the service), TLS
+and mTLS on Envoy's listener with a throwaway CA made here (openssl CLI), and slow or stalled clients (slowloris
+headers and bodies, an SSE reader that stops reading)."""
 
 from __future__ import annotations
 
@@ -244,8 +244,7 @@ def ca(tmp_path_factory):
 
 
 def _envoy_in_front(secured, workdir: Path, ca: dict[str, Path], *, mtls: bool):
-    host, grpc_port = secured.grpc.split(":")
-    return run_envoy(workdir, grpc_port=int(grpc_port), bridge_port=int(secured.bridge.split(":")[1]),
+    return run_envoy(workdir, grpc_port=int(secured.grpc.split(":")[1]), bridge_port=int(secured.bridge.split(":")[1]),
                      name="envoy-mtls" if mtls else "envoy-tls",
                      api_keys=envoy_config.read_api_keys(secured_keys(workdir)),
                      tls=envoy_config.TlsFiles(str(ca["server.pem"]), str(ca["server.key"]),
@@ -396,3 +395,25 @@ def test_stalled_sse_reader_frees_its_slot(secured):
         assert "client stopped reading" in secured.log_path.read_text(errors="replace")
     finally:
         sock.close()
+
+
+def test_tokens_per_minute_window_slides():
+    """The service's sliding window alone (a fake clock): refused once the last 60 s reach the limit, with the
+    wait until enough of the oldest charges leave the window; other clients and unknown clients are free."""
+    from genrpc.service.client_limits import TokenRateLimited, TokensPerMinute
+
+    now = [1000.0]
+    limits = TokensPerMinute({"a": 100, "b": 0}, clock=lambda: now[0])
+    limits.charge("a", 60)
+    now[0] += 20
+    limits.check("a")  # 60 < 100
+    limits.charge("a", 50)
+    with pytest.raises(TokenRateLimited) as exc:
+        limits.check("a")
+    assert exc.value.metadata["retry_after_s"] == "40"  # the first 60 leave the window at t=1060
+    assert "100 tokens per minute (tpm in the API keys file), 110 used" in exc.value.message
+    limits.check("b")
+    limits.check(None)
+    limits.check("unknown")
+    now[0] += 40
+    limits.check("a")  # only the 50 charged at t=1020 remain
