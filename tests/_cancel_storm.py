@@ -19,6 +19,9 @@ import httpx
 from genrpc.v1 import chat_pb2, generation_service_pb2_grpc
 
 
+GRPC_STREAMS_PER_CONNECTION = 100
+
+
 @dataclass
 class RoundResult:
     opened: int  # streams that got at least their response headers / were started
@@ -92,17 +95,26 @@ async def storm_round(envoy: str, model: str, streams: int, running_and_waiting:
     metadata = tuple(headers.items())
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=0)
     timeout = httpx.Timeout(None, connect=30)  # a queued stream may wait long for its first chunk
-    async with httpx.AsyncClient(base_url=f"http://{envoy}", timeout=timeout, limits=limits) as http, \
-            grpc.aio.insecure_channel(envoy) as channel:
-        stub = generation_service_pb2_grpc.GenerationServiceStub(channel)
-        tasks = []
-        for i in range(streams):
-            plan = _plan(rng, early_cancel_s)
-            if i % 2 == 0:
-                tasks.append(_sse(http, body, plan, counts, headers))
-            else:
-                tasks.append(_grpc(stub, request, plan, counts, metadata))
-        cancelled_at = await asyncio.gather(*tasks)
+    # gRPC streams are spread over connections of GRPC_STREAMS_PER_CONNECTION: Envoy closes an HTTP/2 connection
+    # on which 500+ streams were mostly reset within a second of opening (its HTTP/2 rapid-reset protection,
+    # runtime overload.premature_reset_*), which is what one connection carrying the whole storm looks like.
+    channels = [grpc.aio.insecure_channel(envoy, options=[("grpc.use_local_subchannel_pool", 1)])
+                for _ in range(-(-streams // 2 // GRPC_STREAMS_PER_CONNECTION))]
+    try:
+        async with httpx.AsyncClient(base_url=f"http://{envoy}", timeout=timeout, limits=limits) as http:
+            stubs = [generation_service_pb2_grpc.GenerationServiceStub(channel) for channel in channels]
+            tasks = []
+            for i in range(streams):
+                plan = _plan(rng, early_cancel_s)
+                if i % 2 == 0:
+                    tasks.append(_sse(http, body, plan, counts, headers))
+                else:
+                    stub = stubs[(i // 2) // GRPC_STREAMS_PER_CONNECTION]
+                    tasks.append(_grpc(stub, request, plan, counts, metadata))
+            cancelled_at = await asyncio.gather(*tasks)
+    finally:
+        for channel in channels:
+            await channel.close()
     last_cancel = max(cancelled_at)
     while True:
         state = await asyncio.to_thread(running_and_waiting)
