@@ -12,6 +12,7 @@ The app state holds one shared grpc.aio channel to `settings.grpc_address()`, op
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -33,6 +34,12 @@ log = logging.getLogger("genrpc.bridge")
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
+# Per-call balancing over every address of the target (several with `dns:///a-headless-service:50051` or
+# `ipv4:a:1,b:2`), skipping replicas whose grpc.health.v1 status is NOT_SERVING (loading, draining); with one
+# address it behaves as the default pick_first. docs/deployment.md, "Scaling out".
+CHANNEL_SERVICE_CONFIG = json.dumps({"loadBalancingConfig": [{"round_robin": {}}],
+                                     "healthCheckConfig": {"serviceName": "genrpc.v1.GenerationService"}})
+
 
 class Upstream:
     """The service as the bridge reaches it: one channel, its stub, and the service's readiness."""
@@ -43,6 +50,7 @@ class Upstream:
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.keepalive_time_ms", 30_000),
             ("grpc.keepalive_permit_without_calls", 0),
+            ("grpc.service_config", CHANNEL_SERVICE_CONFIG),
         ])
         self.stub = generation_service_pb2_grpc.GenerationServiceStub(self.channel)
         self.readiness = ServiceReadiness(self.channel, target)

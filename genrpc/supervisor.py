@@ -57,6 +57,10 @@ class Supervisor:
         self._running: dict[str, _Running] = {}
         self._stopping = threading.Event()
 
+    def pid(self, name: str) -> int:
+        """The pid of a running child (for a later child's argv: SGLang workers attach to the first one)."""
+        return self._running[name].child.process.pid
+
     def _start(self, spec: ChildSpec) -> processes.Child:
         child = processes.spawn(spec.name, spec.argv(), env=spec.env)
         processes.wait_until(spec.ready, child, spec.ready_timeout_s, "ready", stop=self._stopping)

@@ -24,6 +24,7 @@ log = logging.getLogger("genrpc.service")
 SERVICE_NAME = generation_service_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name
 _MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # long prompts
 _MIN_PING_INTERVAL_MS = 20_000  # below Envoy's 30 s keepalive interval
+_MAX_CONNECTION_AGE_MS = 5 * 60 * 1000
 
 
 def client_tpm(settings: Settings) -> dict[str, int]:
@@ -59,7 +60,13 @@ class GenrpcServer:
                      # while the server sends nothing, so a unary call generating for over ~90 s, or an idle
                      # connection, got GOAWAY "too_many_pings" (a 503 to REST clients).
                      ("grpc.http2.min_ping_interval_without_data_ms", _MIN_PING_INTERVAL_MS),
-                     ("grpc.keepalive_permit_without_calls", 1)])
+                     ("grpc.keepalive_permit_without_calls", 1),
+                     # clients reconnect every few minutes (running streams finish first), so a gRPC client
+                     # balancing over a DNS name (the bridge: dns:///genrpc-service-pods) re-resolves it and finds
+                     # replicas added since
+                     ("grpc.max_connection_age_ms", _MAX_CONNECTION_AGE_MS),
+                     # only --service-workers share a port; a second service started by mistake must fail to bind
+                     ("grpc.so_reuseport", 1 if settings.worker_of else 0)])
         generation_service_pb2_grpc.add_GenerationServiceServicer_to_server(self.servicer, self.grpc_server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
         reflection.enable_server_reflection(

@@ -122,10 +122,16 @@ class SGLangEngine:
             import sglang  # heavy and GPU-only: imported here, never at module import
 
             factory = sglang.Engine
-        log.info("starting sglang %s: %s", SGLANG_VERSION,
-                 {k: v for k, v in kwargs.items() if k != "json_model_override_args"})
         # On the running loop, main thread, synchronously (see module docstring).
-        self._engine = factory(**kwargs)
+        if self._config.attach_to_pid:
+            # Another service worker built the engine with tokenizer_worker_num > 1: this process becomes one of
+            # its tokenizer workers (generate runs here; prefill and decode stay on the parent's schedulers).
+            log.info("attaching to the sglang engine of process %d", self._config.attach_to_pid)
+            self._engine = factory.attach_tokenizer_worker(parent_pid=self._config.attach_to_pid)
+        else:
+            log.info("starting sglang %s: %s", SGLANG_VERSION,
+                     {k: v for k, v in kwargs.items() if k != "json_model_override_args"})
+            self._engine = factory(**kwargs)
         try:
             server_args = getattr(self._engine, "server_args", None)
             self._incremental = bool(getattr(server_args, "incremental_streaming_output", False))
