@@ -3,9 +3,9 @@ default; GENRPC_TEST_STORM_STREAMS changes it), half SSE through Envoy and half 
 cancelled at a random point; three rounds.
 
 The engine is the synthetic one (no model: a token source paced per stream, engines/synthetic.py): 1,000
-concurrent streams of a real model do not fit a bounded CPU test. The llama.cpp engine landed on main just
-before this was written but does not start there yet (ModelInfo(extra=...) in its engine); the storm against a
-real model runs in benchmarks/bench_cancel_storm.py (--engine reference|llamacpp --streams N)."""
+concurrent streams of a real model do not fit a bounded test on a shared 2-core CPU. The storm against the real
+engines (llama.cpp, the default, or the reference engine) runs in benchmarks/bench_cancel_storm.py
+(--engine llamacpp|reference --streams N)."""
 
 from __future__ import annotations
 
