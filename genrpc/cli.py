@@ -28,26 +28,49 @@ def cmd_serve(settings: Settings, _: argparse.Namespace) -> int:
     from genrpc.service.server import serve
 
     _logging(settings)
+    if settings.sglang_engine_host:
+        from genrpc.service.server import host_sglang_engine
+
+        asyncio.run(host_sglang_engine(settings))
+        return 0
     if settings.service_workers > 1 and not settings.worker_of:
         if settings.grpc_port == 0:
             logging.error("--service-workers > 1 needs a fixed --grpc-port (port 0 would give each worker its own)")
             return 2
-        from genrpc import processes
-
-        # Worker i serves metrics on --metrics-port + i (when a fixed port is set). With SGLang, worker 0 builds
-        # the one engine (tokenizer_worker_num = N) and workers 1..N-1 attach to it as tokenizer workers.
-        def extra_argv(i: int, supervisor: Any) -> list[str]:
-            if settings.engine == "sglang" and i > 0:
-                return ["--sglang-attach-pid", str(supervisor.pid("serve-0"))]
-            return []
-
-        return _run_workers(settings, "serve", settings.service_workers,
-                            lambda i: {"GENRPC_METRICS_PORT": str(settings.metrics_port + i
-                                                                  if settings.metrics_port > 0
-                                                                  else settings.metrics_port)},
-                            processes.grpc_serving(settings.grpc_address()), MODEL_LOAD_TIMEOUT_S, extra_argv)
+        return _serve_workers(settings)
     asyncio.run(serve(settings))
     return 0
+
+
+def _serve_workers(settings: Settings) -> int:
+    """N service workers on one port. CPU engines: one engine per worker. SGLang: one engine for the GPUs, held by
+    an engine-host process started first with N tokenizer workers; the N serving workers attach to it (SGLang's
+    `Engine.attach_tokenizer_worker`), as the HTTP workers of `sglang serve` do. Worker i serves metrics on
+    --metrics-port + i (when a fixed port is set)."""
+    from genrpc import processes
+    from genrpc.supervisor import ChildSpec, Supervisor
+
+    def metrics_env(i: int) -> dict[str, str]:
+        return {"GENRPC_METRICS_PORT": str(settings.metrics_port + i if settings.metrics_port > 0
+                                           else settings.metrics_port)}
+
+    if settings.engine != "sglang":
+        return _run_workers(settings, "serve", settings.service_workers, metrics_env,
+                            processes.grpc_serving(settings.grpc_address()), MODEL_LOAD_TIMEOUT_S)
+
+    def engine_host(supervisor: Supervisor) -> ChildSpec:
+        # Ready once SGLang's hand-over to attaching workers exists: the host's args in shared memory.
+        return ChildSpec("sglang-engine", lambda: [sys.executable, "-m", "genrpc.cli", "serve"],
+                         lambda: os.path.exists(f"/dev/shm/multi_tokenizer_args_{supervisor.pid('sglang-engine')}"),
+                         MODEL_LOAD_TIMEOUT_S,
+                         {**settings_env(settings), "GENRPC_WORKER_OF": str(os.getpid()),
+                          "GENRPC_SGLANG_ENGINE_HOST": "true", "GENRPC_METRICS_PORT": "-1"},
+                         stop_timeout_s=settings.shutdown_grace_s + 60, stop_last=True)
+
+    return _run_workers(settings, "serve", settings.service_workers, metrics_env,
+                        processes.grpc_serving(settings.grpc_address()), MODEL_LOAD_TIMEOUT_S,
+                        lambda i, supervisor: ["--sglang-attach-pid", str(supervisor.pid("sglang-engine"))],
+                        first=engine_host)
 
 
 def cmd_bridge(settings: Settings, _: argparse.Namespace) -> int:
@@ -65,20 +88,22 @@ def cmd_bridge(settings: Settings, _: argparse.Namespace) -> int:
 
 def _run_workers(settings: Settings, command: str, count: int, env_for: Callable[[int], dict[str, str]],
                  ready: Callable[[], bool], ready_timeout_s: float,
-                 extra_argv: Callable[[int, Any], list[str]] = lambda i, supervisor: []) -> int:
+                 argv_for: Callable[[int, Any], list[str]] = lambda i, supervisor: [],
+                 first: Callable[[Any], Any] | None = None) -> int:
     """N processes of one command sharing its port (SO_REUSEPORT), so per-token Python work is not bound to one
     GIL. This process only supervises them (genrpc.supervisor: started one after the other, a crashed worker is
     restarted, SIGTERM drains them all at once). A worker's readiness is its port's, which the first worker
-    decides alone."""
+    decides alone. `first(supervisor)` gives a child to start before the workers and stop after them."""
     from genrpc.supervisor import ChildSpec, Supervisor
 
     env = {**settings_env(settings), "GENRPC_WORKER_OF": str(os.getpid())}
     argv = [sys.executable, "-m", "genrpc.cli", command]
-    specs: list[ChildSpec] = []
-    supervisor = Supervisor(specs, stop_together=True)
+    supervisor = Supervisor([], stop_together=True)
+    if first is not None:
+        supervisor.add(first(supervisor))
     for i in range(count):
-        specs.append(ChildSpec(f"{command}-{i}", lambda i=i: [*argv, *extra_argv(i, supervisor)], ready,
-                               ready_timeout_s, {**env, **env_for(i)}, stop_timeout_s=settings.shutdown_grace_s + 5))
+        supervisor.add(ChildSpec(f"{command}-{i}", lambda i=i: [*argv, *argv_for(i, supervisor)], ready,
+                                 ready_timeout_s, {**env, **env_for(i)}, stop_timeout_s=settings.shutdown_grace_s + 5))
     return supervisor.run()
 
 

@@ -79,6 +79,8 @@ class Settings(BaseSettings):
     torch_threads: int = Field(0, description="torch intra-op threads for the reference engine (0 = all cores)")
     reference_batch_invariant: bool = Field(True, description="reference engine: bit-identical results alone or batched "
                                       "(costs ~1.6x single-stream speed)")
+    responses_retention_s: float = Field(30 * 24 * 3600, gt=0, description="seconds the Responses API keeps a "
+                                         "stored response (SQLite file under cache_dir, one per replica)")
     default_max_tokens: int = Field(0, description="chat max tokens when a request sets none (0 = rest of context)")
     stream_interval: int = Field(0, ge=0, description="streaming: send deltas every N tokens (the first at once); "
                                                       "0 = adaptive: each message carries whatever tokens are "
@@ -106,8 +108,10 @@ class Settings(BaseSettings):
                                                       "engine, the others attach as its tokenizer workers")
     worker_of: int = Field(0, description="set for a worker process by the process supervising --service-workers or "
                                           "--bridge-workers (its pid): the worker serves instead of supervising")
-    sglang_attach_pid: int = Field(0, description="SGLang: attach to the engine built by this process (set for "
-                                                  "service workers 1..N-1 under --service-workers N)")
+    sglang_attach_pid: int = Field(0, description="SGLang: attach to the engine held by this process (set for the "
+                                                  "serving workers of --service-workers N)")
+    sglang_engine_host: bool = Field(False, description="SGLang: only build and hold the engine for the serving "
+                                                        "workers of --service-workers N (set by the supervisor)")
     bridge_workers: int = Field(1, ge=1, description="SSE bridge processes sharing --bridge-port (SO_REUSEPORT); "
                                                      "the kernel spreads Envoy's connections over them")
 

@@ -18,6 +18,7 @@ from genrpc.service.engines.factory import build_engine
 from genrpc.service.client_limits import TokensPerMinute
 from genrpc.service.interceptor import ServiceInterceptor
 from genrpc.service.metrics import ServiceMetrics
+from genrpc.service.response_store import ResponseStore
 from genrpc.service.servicer import GenerationServicer
 
 log = logging.getLogger("genrpc.service")
@@ -48,9 +49,10 @@ class GenrpcServer:
             for collector in engine.prometheus_collectors():  # the runtime's own metrics beside genrpc's
                 self.metrics.registry.register(collector)
         tokens_per_minute = TokensPerMinute(client_tpm(settings))
+        self.response_store = ResponseStore(settings.cache_dir / "responses.sqlite3", settings.responses_retention_s)
         self.servicer = GenerationServicer(engine, self.metrics, default_max_tokens=settings.default_max_tokens,
-                                            stream_interval=settings.stream_interval,
-                                            tokens_per_minute=tokens_per_minute)
+                                           stream_interval=settings.stream_interval,
+                                           response_store=self.response_store, tokens_per_minute=tokens_per_minute)
         self.health = health.aio.HealthServicer()
         self.grpc_server = grpc.aio.server(
             interceptors=[ServiceInterceptor(self.metrics, (SERVICE_NAME,), tokens_per_minute)],
@@ -100,6 +102,7 @@ class GenrpcServer:
         await self.health.enter_graceful_shutdown()
         await self.grpc_server.stop(self.settings.shutdown_grace_s if grace_s is None else grace_s)
         await self.engine.shutdown()
+        self.response_store.close()
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()
@@ -128,3 +131,20 @@ async def serve(settings: Settings) -> None:
         starting.cancel()
     log.info("draining (up to %.0f s)", settings.shutdown_grace_s)
     await server.stop()
+
+
+async def host_sglang_engine(settings: Settings) -> None:
+    """`genrpc serve` as the SGLang engine host of `--service-workers N` (see SGLangEngine.host): builds the engine
+    with N tokenizer workers, then waits for SIGINT/SIGTERM and shuts it down. The N serving workers attach to it."""
+    from genrpc.service.engines.factory import sglang_config
+    from genrpc.service.engines.sglang_engine import SGLangEngine
+
+    engine = SGLangEngine(sglang_config(settings))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    engine.host()  # on the loop's thread, as SGLang needs (see sglang_engine's module docstring)
+    log.info("SGLang engine hosted for %d service workers", settings.service_workers)
+    await stop.wait()
+    await engine.shutdown()

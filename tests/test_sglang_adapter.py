@@ -815,7 +815,9 @@ async def test_attached_worker_does_not_build_an_engine():
     assert [e.kwargs for e in FakeSGLangEngine.instances] == [{"attached": True}]
     assert FakeSGLangEngine.instances[0].calls  # the warm-up generated on the attached engine
     await worker.shutdown()
-    builder = SGLangEngine(_workers_config(), engine_factory=FakeSGLang, tokenizer=WordTokenizer())
-    await builder.start()
-    assert FakeSGLangEngine.instances[-1].kwargs["tokenizer_worker_num"] == 4 and attached == [4242]
-    await builder.shutdown()
+    host = SGLangEngine(_workers_config(), engine_factory=FakeSGLang, tokenizer=WordTokenizer())
+    host.host()  # the engine host builds the engine and generates nothing itself (it holds SGLang's router)
+    hosted = FakeSGLangEngine.instances[-1]
+    assert hosted.kwargs["tokenizer_worker_num"] == 4 and hosted.calls == [] and attached == [4242]
+    await host.shutdown()
+    assert hosted.shut_down

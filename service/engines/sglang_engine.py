@@ -149,6 +149,17 @@ class SGLangEngine:
             raise
         log.info("sglang engine ready: %s", self._model_info)
 
+    def host(self) -> None:
+        """Builds the engine for `--service-workers` and serves nothing itself: with tokenizer_worker_num > 1 this
+        process holds SGLang's MultiTokenizerRouter (no TokenizerManager, so no generate), and the serving workers
+        attach to it (`attach_to_pid`), as the HTTP workers of `sglang serve` do. Stop it with `shutdown()`."""
+        factory = self._engine_factory
+        if factory is None:
+            import sglang
+
+            factory = sglang.Engine
+        self._engine = factory(**engine_kwargs(self._config))
+
     async def _warm_up(self) -> None:
         ids = self.tokenizer.encode(WARMUP_PROMPT) or [0]
         request = GenerationRequest(request_id=uuid.uuid4().hex, prompt_token_ids=ids,
