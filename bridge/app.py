@@ -131,4 +131,5 @@ def create_app(settings: Settings) -> Starlette:
         404: _not_found, 405: _method_not_allowed, 500: _server_error})
     app.state.metrics = metrics
     app.add_middleware(ObservabilityMiddleware, metrics=metrics, tracing=tracing)
+    app.state.send_timeout_s = settings.bridge_send_timeout_s  # read by stream.SSEResponse
     return app

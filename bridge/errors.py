@@ -42,6 +42,7 @@ class OpenAIError:
     status: int  # HTTP status
     body: dict[str, Any]  # {"error": {...}}
     grpc_code: int | None = None  # the gRPC status code it came from (None: not a gRPC error)
+    retry_after_s: str | None = None  # the `retry-after` header (from ErrorInfo.metadata["retry_after_s"])
 
     def json_bytes(self) -> bytes:
         return dumps(self.body)
@@ -69,6 +70,7 @@ def from_grpc_status(code: grpc.StatusCode | int, message: str | None,
     param: str | None = None
     err_code = default_code
     meta_param: str | None = None
+    retry_after_s: str | None = None
     if status is not None:
         if status.message:
             message = status.message
@@ -80,6 +82,8 @@ def from_grpc_status(code: grpc.StatusCode | int, message: str | None,
                 if info.reason:
                     err_code = info.reason.lower()
                 meta_param = info.metadata.get("param") or meta_param
+                if info.metadata.get("retry_after_s", "").isdigit():
+                    retry_after_s = info.metadata["retry_after_s"]
             elif name == _BAD_REQUEST and param is None:
                 bad = error_details_pb2.BadRequest()
                 detail.Unpack(bad)
@@ -87,7 +91,8 @@ def from_grpc_status(code: grpc.StatusCode | int, message: str | None,
                     param = bad.field_violations[0].field
     if not message:
         message = next((c.name for c in grpc.StatusCode if c.value[0] == code_int), "error")
-    return OpenAIError(http_status, error_body(message, type_, param or meta_param, err_code), code_int)
+    return OpenAIError(http_status, error_body(message, type_, param or meta_param, err_code), code_int,
+                       retry_after_s)
 
 
 

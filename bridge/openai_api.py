@@ -205,7 +205,8 @@ def _max_tokens(req: Message) -> int | None:
 
 
 def error_response(err: OpenAIError) -> Response:
-    return Response(err.json_bytes(), status_code=err.status, media_type="application/json")
+    headers = {"retry-after": err.retry_after_s} if err.retry_after_s else None
+    return Response(err.json_bytes(), status_code=err.status, media_type="application/json", headers=headers)
 
 
 def endpoint_handler(endpoint: Endpoint) -> Callable[[Request], Awaitable[Response | SSEResponse]]:

@@ -7,7 +7,9 @@ message, and one SSE response that forwards the rest of a gRPC stream through a 
   arrived, so an early gRPC error is still a plain HTTP error; a client that leaves meanwhile cancels the call.
 - `SSEResponse`: a reader task renders each message as it arrives; the writer sends whatever frames are ready
   in one send (the first at once, never held back on a timer: frames merge only while a send is under way or
-  the loop is busy). A client disconnect cancels the gRPC call at once.
+  the loop is busy). A client disconnect cancels the gRPC call at once; so does a client that stops reading:
+  a send blocked on flow control for longer than `--bridge-send-timeout-s` ends the stream (the engine slot is
+  freed instead of being held by a stalled reader).
 """
 
 from __future__ import annotations
@@ -66,6 +68,8 @@ def call_options(headers: Mapping[str, str]) -> tuple[list[tuple[str, str]], flo
                 timeout = ms / 1000.0
     return metadata, timeout
 
+
+DEFAULT_SEND_TIMEOUT_S = 30.0  # Settings.bridge_send_timeout_s, when the app does not set one
 
 DISCONNECTED = object()  # first_message: the client left before the first message
 
@@ -149,6 +153,8 @@ class SSEResponse:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         loop = asyncio.get_running_loop()
+        app = scope.get("app")
+        send_timeout_s = getattr(getattr(app, "state", None), "send_timeout_s", DEFAULT_SEND_TIMEOUT_S)
         watcher = asyncio.create_task(self._watch_disconnect(receive))
         reader = asyncio.create_task(self._read())
         try:
@@ -164,7 +170,13 @@ class SSEResponse:
                 frames, self._frames = self._frames, []
                 last = self._ended
                 body = frames[0] if len(frames) == 1 else b"".join(frames)
-                await send({"type": "http.response.body", "body": body, "more_body": not last})
+                try:
+                    async with asyncio.timeout(send_timeout_s):  # blocks only while the client is not reading
+                        await send({"type": "http.response.body", "body": body, "more_body": not last})
+                except TimeoutError:
+                    log.info("client stopped reading for %.0f s: stream cut, call cancelled", send_timeout_s)
+                    self._disconnected = True
+                    return
                 if last:
                     return
         except OSError:  # the client went away while we were writing

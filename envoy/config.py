@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
+from dataclasses import dataclass
 import shutil
 import sys
 from importlib import resources
@@ -52,8 +53,36 @@ CORS_ALLOW_HEADERS = [
 # Response headers a browser client may read (x-request-id for support; retry-after for the SDKs' backoff on 429).
 CORS_EXPOSE_HEADERS = ["x-request-id", "retry-after"]
 RATE_LIMIT_MESSAGE = "Rate limit reached: this endpoint allows {rps} requests per second. Retry after a second."
+CLIENT_RATE_LIMIT_MESSAGE = ("Rate limit reached for client {client}: {rps} requests per second (rps in the API keys "
+                             "file). Retry after a second.")
+BEARER_MESSAGE = "Invalid Authorization header: expected `Authorization: Bearer <API key>`."
 # render()'s optional limits and their defaults (also `genrpc envoy-config`'s flags)
 DEFAULT_LIMITS = {"max_request_bytes": 32 * 1024 * 1024, "unary_timeout_s": 900, "stream_idle_timeout_s": 900}
+# render()'s slow-client timeouts and their defaults (also Settings fields of the same names)
+DEFAULT_TIMEOUTS = {"request_headers_timeout_s": 10, "request_timeout_s": 60, "idle_timeout_s": 300}
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """Envoy's listener certificate (PEM chain + key); client_ca: PEM CA bundle that client certificates must chain
+    to (mTLS: a client without a valid certificate is refused in the handshake); empty = no client certificate."""
+    cert_file: str
+    key_file: str
+    client_ca_file: str = ""
+
+
+@dataclass(frozen=True)
+class ClientLimits:
+    """A client's limits from the API keys file (0 = none): rps is enforced by Envoy (a token bucket per client
+    id, burst = rps), tpm (prompt + completion tokens per minute) by the service."""
+    rps: int = 0
+    tpm: int = 0
+
+
+@dataclass(frozen=True)
+class KeysFile:
+    keys: dict[str, str]  # key -> client id
+    limits: dict[str, ClientLimits]  # client id -> its limits (clients without limits are absent)
 
 
 def _lua_string(text: str) -> str:
@@ -118,22 +147,34 @@ def render(*, listen_host: str, listen_port: int, admin_port: int, grpc_host: st
            unary_timeout_s: int = DEFAULT_LIMITS["unary_timeout_s"],
            stream_idle_timeout_s: int = DEFAULT_LIMITS["stream_idle_timeout_s"], api_keys: dict[str, str] | None = None,
            cors_allowed_origins: list[str] | tuple[str, ...] | None = None, rate_limit_rps: int = 0,
+           client_limits: dict[str, ClientLimits] | None = None, tls: TlsFiles | None = None,
+           request_headers_timeout_s: int = DEFAULT_TIMEOUTS["request_headers_timeout_s"],
+           request_timeout_s: int = DEFAULT_TIMEOUTS["request_timeout_s"],
+           idle_timeout_s: int = DEFAULT_TIMEOUTS["idle_timeout_s"],
            grpc_upstreams: list[tuple[str, int]] | None = None,
            health_check_interval_s: float = DEFAULT_HEALTH_CHECK_INTERVAL_S, stats_port: int = -1,
            stats_host: str | None = None, access_log: bool = True) -> str:
     """Envoy's bootstrap YAML. max_request_bytes: request body limit (413 beyond); unary_timeout_s: transcoded
     unary calls; api_keys: {key: client id}, enables Bearer-key auth (None = no auth); cors_allowed_origins: exact
     origins such as "https://app.example.com", enables CORS (empty = none); rate_limit_rps: local token bucket per
-    Envoy process, burst = rps (0 = off); grpc_upstreams: the service replicas [(host, port)], each host an IP
-    or a DNS name whose every address is a replica (a headless Service), default [(grpc_host, grpc_port)];
-    health_check_interval_s: how often Envoy asks each replica's grpc.health.v1 (a NOT_SERVING replica gets no
-    new request after at most two intervals); stats_port: a listener on stats_host (default listen_host) serving
-    only GET /stats/prometheus (-1 = none); access_log: JSON access log lines on stdout."""
+    Envoy process, burst = rps (0 = off); client_limits: per-client-id limits from the keys file (their rps
+    replaces rate_limit_rps for that client); tls: serve TLS (and mTLS) on the listener.
+    Slow clients: request_headers_timeout_s (headers must arrive within it, 408 otherwise),
+    request_timeout_s (the whole request body; disarmed once the request is upstream or the response started, so
+    streams are not cut), idle_timeout_s (a connection without streams is closed).
+    grpc_upstreams: the service replicas [(host, port)], each host an IP or a DNS name whose every address is a
+    replica (a headless Service), default [(grpc_host, grpc_port)]; health_check_interval_s: how often Envoy asks
+    each replica's grpc.health.v1 (a NOT_SERVING replica gets no new request after at most two intervals);
+    stats_port: a listener on stats_host (default listen_host) serving only GET /stats/prometheus (-1 = none);
+    access_log: JSON access log lines on stdout."""
     if health_check_interval_s <= 0:
         raise ValueError(f"health_check_interval_s must be > 0, got {health_check_interval_s}")
     upstreams = list(grpc_upstreams or [(grpc_host, grpc_port)])
     if rate_limit_rps < 0:
         raise ValueError(f"rate_limit_rps must be >= 0 (0 = off), got {rate_limit_rps}")
+    client_rps = sorted((client, limits.rps) for client, limits in (client_limits or {}).items() if limits.rps)
+    if client_rps and not api_keys:
+        raise ValueError("per-client rate limits need API keys (the client id comes from the key)")
     origins = [o.strip() for o in (cors_allowed_origins or []) if o.strip()]
     for origin in origins:
         if not re.fullmatch(r"[a-z][a-z0-9+.-]*://[^/\s,*]+", origin):
@@ -156,6 +197,10 @@ def render(*, listen_host: str, listen_port: int, admin_port: int, grpc_host: st
         api_keys=sorted((api_keys or {}).items()), client_id_header=CLIENT_ID_HEADER,
         cors_origins=origins, cors_allow_headers=CORS_ALLOW_HEADERS, cors_expose_headers=CORS_EXPOSE_HEADERS,
         rate_limit_rps=int(rate_limit_rps), rate_limit_message=RATE_LIMIT_MESSAGE.format(rps=int(rate_limit_rps)),
+        client_rps=[(client, rps, CLIENT_RATE_LIMIT_MESSAGE.format(client=client, rps=rps))
+                    for client, rps in client_rps],
+        bearer_message=BEARER_MESSAGE, tls=tls, request_headers_timeout_s=int(request_headers_timeout_s),
+        request_timeout_s=int(request_timeout_s), idle_timeout_s=int(idle_timeout_s),
         rate_limit_error=(HTTP_ERROR_TYPES[429], HTTP_ERROR_CODES[429]),
         public_bridge_routes=list(PUBLIC_BRIDGE_ROUTES.items()), dashscope_prefix=DASHSCOPE_PREFIX,
         # the error table, for Envoy's own replies (local_reply_config) and the Lua shaper
@@ -175,36 +220,61 @@ _KEY_RE = re.compile(r"[\x21-\x7e]+")  # printable ASCII without spaces: an Auth
 _CLIENT_RE = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+")  # an HTTP token: safe as the x-client-id value
 
 
-def parse_api_keys(text: str, source: str = "api keys") -> dict[str, str]:
-    """`{key: client id}` from the keys file format: one `KEY CLIENT_ID` per line; blank lines and lines starting
-    with `#` are ignored, and so is everything from a field starting with `#` (a trailing comment). Malformed
-    lines, duplicate keys and a file without any key raise ValueError (naming the line, never the key): a keys
-    file that grants nothing must not silently turn authentication off."""
+def parse_keys_file(text: str, source: str = "api keys") -> KeysFile:
+    """The keys file: one `KEY CLIENT_ID [rps=N] [tpm=N]` per line; blank lines and lines starting with `#` are
+    ignored, and so is everything from a field starting with `#` (a trailing comment). rps: requests per second
+    for the client (Envoy, burst = rps); tpm: prompt + completion tokens per minute (the service, sliding window).
+    Several keys may share a client id (they share its limits; give the limits on one line or the same on each).
+    Malformed lines, duplicate keys, conflicting limits and a file without any key raise ValueError (naming the
+    line, never the key): a keys file that grants nothing must not silently turn authentication off."""
     keys: dict[str, str] = {}
+    limits: dict[str, ClientLimits] = {}
     for number, raw in enumerate(text.splitlines(), 1):
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
         fields = line.split()
         fields = fields[:next((i for i, f in enumerate(fields) if f.startswith("#")), len(fields))]
-        if len(fields) != 2:
-            raise ValueError(f"{source}:{number}: expected `KEY CLIENT_ID` (2 fields), found {len(fields)}")
-        key, client = fields
+        if len(fields) < 2:
+            raise ValueError(f"{source}:{number}: expected `KEY CLIENT_ID [rps=N] [tpm=N]`, found {len(fields)} "
+                             "field(s)")
+        key, client, *options = fields
         if not _KEY_RE.fullmatch(key):
             raise ValueError(f"{source}:{number}: the key must be printable ASCII without spaces")
         if not _CLIENT_RE.fullmatch(client):
             raise ValueError(f"{source}:{number}: the client id must be an HTTP token (letters, digits, -._~ ...)")
         if key in keys:
             raise ValueError(f"{source}:{number}: duplicate key (first used for client {keys[key]!r})")
+        values: dict[str, int] = {}
+        for option in options:
+            name, _, value = option.partition("=")
+            if name not in ("rps", "tpm") or not value.isdigit() or int(value) <= 0 or name in values:
+                raise ValueError(f"{source}:{number}: {option!r}: expected rps=N or tpm=N (N > 0), each at most once")
+            values[name] = int(value)
         keys[key] = client
+        if values:
+            mine = ClientLimits(**values)
+            if limits.get(client, mine) != mine:
+                raise ValueError(f"{source}:{number}: client {client!r} already has different limits")
+            limits[client] = mine
     if not keys:
         raise ValueError(f"{source}: no API keys (expected lines `KEY CLIENT_ID`)")
-    return keys
+    return KeysFile(keys, limits)
+
+
+def parse_api_keys(text: str, source: str = "api keys") -> dict[str, str]:
+    """`{key: client id}` of a keys file (see parse_keys_file)."""
+    return parse_keys_file(text, source).keys
+
+
+def read_keys_file(path: str | Path) -> KeysFile:
+    """`parse_keys_file` of a file (e.g. the `genrpc-api-keys` Secret mounted into the Envoy pod)."""
+    return parse_keys_file(Path(path).read_text(encoding="utf-8"), str(path))
 
 
 def read_api_keys(path: str | Path) -> dict[str, str]:
-    """`parse_api_keys` of a file (e.g. the `genrpc-api-keys` Secret mounted into the Envoy pod)."""
-    return parse_api_keys(Path(path).read_text(encoding="utf-8"), str(path))
+    """`parse_api_keys` of a file."""
+    return read_keys_file(path).keys
 
 
 def envoy_binary() -> str:

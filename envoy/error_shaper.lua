@@ -80,13 +80,17 @@ local function ends_with(s, suffix) return s:sub(-#suffix) == suffix end
 -- google.rpc.Status (strings raw) -> HTTP status, OpenAI error JSON
 local function shape(status)
   local mapped = GRPC_ERRORS[status.code] or {500, '"server_error"', "null"}
-  local param, code = "null", mapped[3]
+  local param, code, retry_after = "null", mapped[3], nil
   for _, detail in ipairs(type(status.details) == "table" and status.details or {}) do
     local type_url = type(detail) == "table" and is_json_string(detail["@type"]) and detail["@type"] or ""
     if ends_with(type_url, 'google.rpc.ErrorInfo"') then
       if is_json_string(detail.reason) and detail.reason ~= '""' then code = detail.reason:lower() end
       if param == "null" and type(detail.metadata) == "table" and is_json_string(detail.metadata.param) then
         param = detail.metadata.param
+      end
+      -- a limit that knows when it frees up (the service's tokens-per-minute limit) -> retry-after
+      if type(detail.metadata) == "table" and is_json_string(detail.metadata.retry_after_s) then
+        retry_after = detail.metadata.retry_after_s:match('^"(%d+)"$')
       end
     elseif ends_with(type_url, 'google.rpc.BadRequest"') then
       local violations = detail.field_violations or detail.fieldViolations
@@ -99,7 +103,7 @@ local function shape(status)
   if not is_json_string(message) or message == '""' then
     message = json_string("gRPC error " .. tostring(status.code))
   end
-  return mapped[1], openai_error(message, mapped[2], param, code)
+  return mapped[1], openai_error(message, mapped[2], param, code), retry_after
 end
 
 local GRPC_HEADERS = {"grpc-status", "grpc-message", "grpc-status-details-bin", "grpc-accept-encoding",
@@ -117,12 +121,12 @@ function envoy_on_response(handle)
   local body = handle:body()
   if body == nil or body:length() == 0 then return end
   local raw = body:getBytes(0, body:length())
-  local out
+  local out, retry_after
   if is_json then
     -- a google.rpc.Status from convert_grpc_status -> OpenAI error; anything else (already OpenAI) is kept
     local ok, status = pcall(read_value, raw, 1)
     if not ok or type(status) ~= "table" or status.error ~= nil or type(status.code) ~= "number" then return end
-    http_status, out = shape(status)
+    http_status, out, retry_after = shape(status)
   else
     -- a plain-text error (e.g. the transcoder's reply to malformed JSON) -> OpenAI error
     local message = raw:gsub("^%s+", ""):gsub("%s+$", "")
@@ -134,5 +138,6 @@ function envoy_on_response(handle)
   headers:replace(":status", tostring(http_status))
   headers:replace("content-type", "application/json")
   headers:replace("content-length", tostring(#out))
+  if retry_after then headers:replace("retry-after", retry_after) end
   body:setBytes(out)
 end

@@ -180,21 +180,33 @@ def envoy_yaml(settings: Settings, *, listen_host: str | None = None, grpc_host:
     (max_request_bytes, unary_timeout_s, stream_idle_timeout_s). The descriptor defaults to the installed one."""
     from genrpc.envoy import config as envoy_config
 
-    api_keys = envoy_config.read_api_keys(settings.api_keys_file) if settings.api_keys_file else None
+    keys_file = envoy_config.read_keys_file(settings.api_keys_file) if settings.api_keys_file else None
+    tls = None
+    if settings.tls_cert_file or settings.tls_key_file or settings.tls_client_ca_file:
+        if not (settings.tls_cert_file and settings.tls_key_file):
+            raise ValueError("TLS needs both --tls-cert-file and --tls-key-file")
+        tls = envoy_config.TlsFiles(str(pathlib.Path(settings.tls_cert_file).resolve()),
+                                    str(pathlib.Path(settings.tls_key_file).resolve()),
+                                    str(pathlib.Path(settings.tls_client_ca_file).resolve())
+                                    if settings.tls_client_ca_file else "")
     return envoy_config.render(
         listen_host=listen_host or settings.host, listen_port=settings.envoy_port,
         admin_port=settings.envoy_admin_port, grpc_host=grpc_host or settings.host, grpc_port=settings.grpc_port,
         bridge_host=bridge_host or settings.host, bridge_port=settings.bridge_port,
-        descriptor_path=str(descriptor or envoy_config.descriptor_path()), api_keys=api_keys,
-        cors_allowed_origins=settings.cors_origins(), rate_limit_rps=settings.rate_limit_rps,
+        descriptor_path=str(descriptor or envoy_config.descriptor_path()),
+        api_keys=keys_file.keys if keys_file else None, client_limits=keys_file.limits if keys_file else None,
+        cors_allowed_origins=settings.cors_origins(), rate_limit_rps=settings.rate_limit_rps, tls=tls,
+        request_headers_timeout_s=settings.request_headers_timeout_s, request_timeout_s=settings.request_timeout_s,
+        idle_timeout_s=settings.idle_timeout_s,
         grpc_upstreams=envoy_config.parse_upstreams(settings.grpc_upstreams) or None,
         health_check_interval_s=settings.envoy_health_check_interval_s, stats_port=settings.envoy_stats_port,
         **options)
 
 
 ENVOY_SETTINGS = ["host", "grpc_port", "bridge_port", "envoy_port", "envoy_admin_port", "envoy_stats_port",
-                  "api_keys_file",
-                  "cors_allowed_origins", "rate_limit_rps", "grpc_upstreams", "envoy_health_check_interval_s"]
+                  "api_keys_file", "cors_allowed_origins", "rate_limit_rps", "tls_cert_file", "tls_key_file",
+                  "tls_client_ca_file", "request_headers_timeout_s", "request_timeout_s", "idle_timeout_s",
+                  "grpc_upstreams", "envoy_health_check_interval_s"]
 
 
 def cmd_envoy_config(settings: Settings, args: argparse.Namespace) -> int:

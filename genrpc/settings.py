@@ -50,6 +50,21 @@ class Settings(BaseSettings):
                                                                   "no new requests within two intervals)")
     rate_limit_rps: int = Field(0, description="Envoy rate limit: requests per second per Envoy process, burst the "
                                                "same; beyond it REST gets 429, gRPC RESOURCE_EXHAUSTED (0 = off)")
+    tls_cert_file: str = Field("", description="Envoy listener TLS: PEM certificate chain file (with --tls-key-file; "
+                                               "empty = plain HTTP/gRPC)")
+    tls_key_file: str = Field("", description="Envoy listener TLS: PEM private key file")
+    tls_client_ca_file: str = Field("", description="Envoy listener mTLS: PEM CA bundle client certificates must chain "
+                                                    "to (empty = no client certificate asked)")
+    request_headers_timeout_s: int = Field(10, ge=1, description="Envoy: seconds a client has to send its request "
+                                                                 "headers (slowloris: 408 and close)")
+    request_timeout_s: int = Field(60, ge=0, description="Envoy: seconds a client has to send its whole request "
+                                                         "(body included; not the response: streams are not cut; "
+                                                         "0 = off)")
+    idle_timeout_s: int = Field(300, ge=1, description="Envoy: seconds a client connection may stay open without "
+                                                       "any request")
+    bridge_send_timeout_s: float = Field(30.0, gt=0, description="bridge: seconds one SSE write may block on a client "
+                                                                 "that stopped reading before the stream is cut and "
+                                                                 "its gRPC call cancelled (frees the slot)")
 
     # --- model and engine ---
     engine: Literal["llamacpp", "reference", "sglang", "synthetic"] = Field(

@@ -27,6 +27,7 @@ from typing import Any
 
 import grpc
 
+from genrpc.service.client_limits import CLIENT_ID_METADATA, TokensPerMinute, current_client
 from genrpc.service.errors import ServiceError, abort, to_service_error
 from genrpc.service.metrics import RequestRecord, ServiceMetrics, current_request
 from genrpc.telemetry import Tracing, metadata_carrier, ns_at
@@ -42,9 +43,11 @@ _OPERATIONS = {"Chat": "chat", "CreateChatCompletion": "chat", "Generate": "text
 class ServiceInterceptor(grpc.aio.ServerInterceptor):
     """Wraps the unary-unary and unary-stream methods of the services whose full names are given."""
 
-    def __init__(self, metrics: ServiceMetrics, service_names: tuple[str, ...], tracing: Tracing | None = None):
+    def __init__(self, metrics: ServiceMetrics, service_names: tuple[str, ...], tracing: Tracing | None = None,
+                 tokens_per_minute: TokensPerMinute | None = None):
         self._metrics = metrics
         self._tracing = tracing or Tracing()
+        self._tokens_per_minute = tokens_per_minute
         self._prefixes = tuple(f"/{name}/" for name in service_names)
 
     async def intercept_service(self, continuation: Callable[[Any], Awaitable[grpc.RpcMethodHandler]],
@@ -68,6 +71,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
             with self._observed(method, context) as outcome:
                 try:
+                    self._admit(context)
                     return await behaviour(request, context)
                 except BaseException as exc:  # noqa: BLE001 - every failure becomes a precise status
                     await self._fail(method, context, exc, outcome)
@@ -77,12 +81,22 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         async def handle(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             with self._observed(method, context) as outcome:
                 try:
+                    self._admit(context)
                     async with contextlib.aclosing(behaviour(request, context)) as replies:
                         async for reply in replies:
                             yield reply
                 except BaseException as exc:  # noqa: BLE001 - every failure becomes a precise status
                     await self._fail(method, context, exc, outcome)
         return handle
+
+    def _admit(self, context: grpc.aio.ServicerContext) -> None:
+        """Per-client token limits: records who is calling (tokens are charged to them) and refuses a client
+        over its tokens per minute before any work."""
+        if not self._tokens_per_minute:
+            return
+        client = next((v for k, v in context.invocation_metadata() or () if k == CLIENT_ID_METADATA), None)
+        current_client.set(client)
+        self._tokens_per_minute.check(client)
 
     @contextlib.contextmanager
     def _observed(self, method: str, context: grpc.aio.ServicerContext):

@@ -16,6 +16,7 @@ from genrpc.telemetry import configure_tracing
 from genrpc.v1 import generation_service_pb2, generation_service_pb2_grpc
 from genrpc.service.engines.base import Engine, ExportsMetrics
 from genrpc.service.engines.factory import build_engine
+from genrpc.service.client_limits import TokensPerMinute
 from genrpc.service.interceptor import ServiceInterceptor
 from genrpc.service.metrics import ServiceMetrics
 from genrpc.service.response_store import ResponseStore
@@ -26,6 +27,16 @@ SERVICE_NAME = generation_service_pb2.DESCRIPTOR.services_by_name["GenerationSer
 _MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # long prompts
 _MIN_PING_INTERVAL_MS = 20_000  # below Envoy's 30 s keepalive interval
 _MAX_CONNECTION_AGE_MS = 5 * 60 * 1000
+
+
+def client_tpm(settings: Settings) -> dict[str, int]:
+    """{client id: tokens per minute} from the API keys file's `tpm=N` fields (none without a keys file)."""
+    if not settings.api_keys_file:
+        return {}
+    from genrpc.envoy.config import read_keys_file
+
+    return {client: limits.tpm for client, limits in read_keys_file(settings.api_keys_file).limits.items()
+            if limits.tpm}
 
 
 class GenrpcServer:
@@ -39,13 +50,14 @@ class GenrpcServer:
         if isinstance(engine, ExportsMetrics) and settings.metrics_port >= 0:
             for collector in engine.prometheus_collectors():  # the runtime's own metrics beside genrpc's
                 self.metrics.registry.register(collector)
+        tokens_per_minute = TokensPerMinute(client_tpm(settings))
         self.response_store = ResponseStore(settings.cache_dir / "responses.sqlite3", settings.responses_retention_s)
         self.servicer = GenerationServicer(engine, self.metrics, default_max_tokens=settings.default_max_tokens,
                                            stream_interval=settings.stream_interval,
-                                           response_store=self.response_store)
+                                           response_store=self.response_store, tokens_per_minute=tokens_per_minute)
         self.health = health.aio.HealthServicer()
         self.grpc_server = grpc.aio.server(
-            interceptors=[ServiceInterceptor(self.metrics, (SERVICE_NAME,), self.tracing)],
+            interceptors=[ServiceInterceptor(self.metrics, (SERVICE_NAME,), self.tracing, tokens_per_minute)],
             options=[("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
                      ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
                      # Envoy pings every 30 s (connection_keepalive). gRPC's default allows one ping per 5 min

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from genrpc.v1 import chat_pb2, completion_pb2, generation_service_pb2_grpc, model_pb2
 from genrpc.service import responses, validation
+from genrpc.service.client_limits import TokensPerMinute, current_client
 from genrpc.service.choices import ChoiceEvent, ChoiceSpec, run_choices
 from genrpc.service.constraints import Constraint, forced_tool_call_grammar, response_format_constraint
 from genrpc.service.engines.base import Engine, SamplingParams, TokenLogprob
@@ -57,9 +58,11 @@ class _Prepared:
 
 class GenerationServicer(ResponsesMixin, generation_service_pb2_grpc.GenerationServiceServicer):
     def __init__(self, engine: Engine, metrics: ServiceMetrics, *, default_max_tokens: int = 0,
-                 stream_interval: int = 0, response_store: ResponseStore | None = None):
+                 stream_interval: int = 0, response_store: ResponseStore | None = None,
+                 tokens_per_minute: TokensPerMinute | None = None):
         self._response_store = response_store  # the Responses API's store (service/responses_api.py)
         self._engine = engine
+        self._tokens_per_minute = tokens_per_minute  # per-client tpm limits: charged here, checked by the interceptor
         self._stream_interval = stream_interval  # server default; a request's stream_interval overrides it
         self._metrics = metrics
         self._default_max_tokens = default_max_tokens
@@ -187,30 +190,35 @@ class GenerationServicer(ResponsesMixin, generation_service_pb2_grpc.GenerationS
         last_output: dict[int, tuple[float, int]] = {}  # choice -> (time, completion tokens) of its last output
         unfinished = len(prepared.specs)
         has_images = any(spec.images for spec in prepared.specs)
-        async with contextlib.aclosing(run_choices(self._engine, prepared.specs, stream_interval)) as events:
-            async for event in events:
-                now = time.perf_counter()
-                if record is not None:
-                    if event.queue_time_s is not None and record.queue_time_s is None:
-                        record.queue_time_s = event.queue_time_s
-                    if record.ttft_s is None and (event.text or event.tool_calls):
-                        record.ttft_s = now - record.started
-                if event.text or event.tool_calls or event.finish_reason:
-                    previous = last_output.get(event.index)
-                    if previous is not None and event.completion_tokens > previous[1]:
-                        itl.observe((now - previous[0]) / (event.completion_tokens - previous[1]))
-                    last_output[event.index] = (now, event.completion_tokens)
-                    if record is not None:  # so far, also for a stream cancelled before it finished
-                        record.completion_tokens = sum(tokens for _, tokens in last_output.values())
-                if event.finish_reason:
-                    unfinished -= 1
-                    if has_images:  # the engine counted the expanded images; the service only placeholders
-                        prepared.prompt_tokens = max(prepared.prompt_tokens, event.prompt_tokens)
+        try:
+            async with contextlib.aclosing(run_choices(self._engine, prepared.specs, stream_interval)) as events:
+                async for event in events:
+                    now = time.perf_counter()
                     if record is not None:
-                        record.prompt_tokens = prepared.prompt_tokens
-                        record.cached_prompt_tokens = max(record.cached_prompt_tokens, event.cached_tokens)
-                        record.finish_reasons.append(event.finish_reason)
-                yield event, unfinished == 0
+                        if event.queue_time_s is not None and record.queue_time_s is None:
+                            record.queue_time_s = event.queue_time_s
+                        if record.ttft_s is None and (event.text or event.tool_calls):
+                            record.ttft_s = now - record.started
+                    if event.text or event.tool_calls or event.finish_reason:
+                        previous = last_output.get(event.index)
+                        if previous is not None and event.completion_tokens > previous[1]:
+                            itl.observe((now - previous[0]) / (event.completion_tokens - previous[1]))
+                        last_output[event.index] = (now, event.completion_tokens)
+                        if record is not None:  # so far, also for a stream cancelled before it finished
+                            record.completion_tokens = sum(tokens for _, tokens in last_output.values())
+                    if event.finish_reason:
+                        unfinished -= 1
+                        if has_images:  # the engine counted the expanded images; the service only placeholders
+                            prepared.prompt_tokens = max(prepared.prompt_tokens, event.prompt_tokens)
+                        if record is not None:
+                            record.prompt_tokens = prepared.prompt_tokens
+                            record.cached_prompt_tokens = max(record.cached_prompt_tokens, event.cached_tokens)
+                            record.finish_reasons.append(event.finish_reason)
+                    yield event, unfinished == 0
+        finally:  # a cancelled request is charged its prompt and the tokens it produced too
+            if self._tokens_per_minute:
+                self._tokens_per_minute.charge(current_client.get(), prepared.prompt_tokens
+                                               + sum(tokens for _, tokens in last_output.values()))
 
     def _fingerprint(self) -> str:
         return self._engine.model_info.fingerprint or f"genrpc-{self._engine.model_info.model_id}"

@@ -546,8 +546,9 @@ sk-file-2   team-b   # a second key, another client
 
 def test_api_keys_file_parsing(tmp_path):
     assert envoy_config.parse_api_keys(KEYS_FILE) == {"sk-file-1": "team-a", "sk-file-2": "team-b"}
-    for bad, why in [("", "no API keys"), ("# only comments\n\n", "no API keys"), ("sk-1\n", "2 fields"),
-                     ("sk-1 a b\n", "2 fields"), ("sk-1 a\nsk-1 b\n", "duplicate key"),
+    for bad, why in [("", "no API keys"), ("# only comments\n\n", "no API keys"), ("sk-1\n", "KEY CLIENT_ID"),
+                     ("sk-1 a b\n", "rps=N"), ("sk-1 a rps=0\n", "rps=N"), ("sk-1 a rps=1 rps=2\n", "rps=N"),
+                     ("sk-1 a rps=1\nsk-2 a rps=2\n", "different limits"), ("sk-1 a\nsk-1 b\n", "duplicate key"),
                      ("sk-1 bad,client\n", "client id")]:
         with pytest.raises(ValueError, match=why) as info:
             envoy_config.parse_api_keys(bad, "keys")
@@ -555,6 +556,9 @@ def test_api_keys_file_parsing(tmp_path):
     path = tmp_path / "keys"
     path.write_text(KEYS_FILE)
     assert envoy_config.read_api_keys(path) == {"sk-file-1": "team-a", "sk-file-2": "team-b"}
+    limited = envoy_config.parse_keys_file("k1 a rps=3 tpm=1000  # both\nk2 a\nk3 b tpm=5\nk4 c\n")
+    assert limited.keys == {"k1": "a", "k2": "a", "k3": "b", "k4": "c"}
+    assert limited.limits == {"a": envoy_config.ClientLimits(rps=3, tpm=1000), "b": envoy_config.ClientLimits(tpm=5)}
 
 
 def test_genrpc_up_renders_with_the_keys_file(tmp_path):
@@ -620,9 +624,10 @@ async def test_api_keys_file_enforced_by_envoy(tmp_path, backend, bridge):
                 method, _, md = backend[0].calls[-1]
                 assert method == "CreateChatCompletion" and md["x-client-id"] == client and "authorization" not in md
             assert len(backend[0].calls) == calls_before + 2  # the rejected requests never reached the service
-            # (Envoy strips an optional "Bearer " prefix: the bare key in Authorization is the same credential)
+            # a bare key (no "Bearer ") is refused although api_key_auth alone would accept it
             resp = await http.post("/v1/chat/completions", json=chat_body(), headers={"authorization": "sk-file-1"})
-            assert resp.status_code == 200 and backend[0].calls[-1][2]["x-client-id"] == "team-a"
+            assert assert_openai_error(resp, 401)["code"] == "invalid_api_key"
+            assert len(backend[0].calls) == calls_before + 2
         async with openai.AsyncOpenAI(base_url=f"http://{HOST}:{port}/v1", api_key="sk-file-2", max_retries=0,
                                       _strict_response_validation=True) as good:
             stream = await good.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],

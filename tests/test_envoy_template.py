@@ -44,7 +44,14 @@ def test_every_option_renders_a_config_envoy_accepts(tmp_path):
                                grpc_port=50051, bridge_host="genrpc-bridge", bridge_port=8001,
                                descriptor_path=envoy_config.descriptor_path(), api_keys={'sk-"q"\\': "team-a"},
                                cors_allowed_origins=["https://app.example.com"], rate_limit_rps=5,
-                               max_request_bytes=1024, unary_timeout_s=3, stream_idle_timeout_s=4)
+                               max_request_bytes=1024, unary_timeout_s=3, stream_idle_timeout_s=4,
+                               client_limits={"team-a": envoy_config.ClientLimits(rps=7, tpm=100)},
+                               tls=envoy_config.TlsFiles(str(tmp_path / "cert.pem"), str(tmp_path / "key.pem"),
+                                                         str(tmp_path / "cert.pem")),
+                               request_headers_timeout_s=5, request_timeout_s=6, idle_timeout_s=7)
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "key.pem", "-out",
+                    "cert.pem", "-days", "1", "-subj", "/CN=localhost"], cwd=tmp_path, check=True,
+                   capture_output=True, timeout=60)  # Envoy's validation reads the certificate files
     config = tmp_path / "envoy.yaml"
     config.write_text(text)
     result = _validate(config, tmp_path)
@@ -52,6 +59,12 @@ def test_every_option_renders_a_config_envoy_accepts(tmp_path):
     hcm = yaml.safe_load(text)["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
     auth = next(f for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.api_key_auth")
     assert auth["typed_config"]["credentials"] == [{"key": 'sk-"q"\\', "client": "team-a"}]  # quoted, not broken
+    limit = next(f for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.local_ratelimit")["typed_config"]
+    assert limit["descriptors"] == [{"entries": [{"key": "client", "value": "team-a"}],
+                                     "token_bucket": {"max_tokens": 7, "tokens_per_fill": 7, "fill_interval": "1s"}}]
+    assert (hcm["request_headers_timeout"], hcm["request_timeout"]) == ("5s", "6s")
+    tls = yaml.safe_load(text)["static_resources"]["listeners"][0]["filter_chains"][0]["transport_socket"]
+    assert tls["typed_config"]["require_client_certificate"] is True
 
 
 def test_a_missing_template_parameter_is_an_error():
