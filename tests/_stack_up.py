@@ -61,7 +61,8 @@ class StackUp:
 
     def running_and_waiting(self) -> tuple[float, float]:
         m = self.metrics()
-        return m["genrpc_running_requests{}"], m["genrpc_waiting_requests{}"]
+        return (sum(v for k, v in m.items() if k.startswith("genrpc_running_requests{")),
+                sum(v for k, v in m.items() if k.startswith("genrpc_waiting_requests{")))
 
     def service_rss_bytes(self) -> int:
         pid = pid_listening(self.ports["grpc_port"])
