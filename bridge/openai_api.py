@@ -27,7 +27,7 @@ from google.protobuf.message import Message
 from starlette.requests import Request
 from starlette.responses import Response
 
-from genrpc.bridge.encoding import dumps, loads_object, message_to_dict, quote
+from genrpc.bridge.encoding import align_with_transcoder, dumps, loads_object, message_to_dict, quote
 from genrpc.bridge.errors import OpenAIError, from_rpc_error, http_error
 from genrpc.bridge.stream import DISCONNECTED, SSEResponse, call_options, first_message
 from genrpc.v1 import chat_pb2, completion_pb2
@@ -187,7 +187,9 @@ ENDPOINTS = {
 
 
 def error_response(err: OpenAIError) -> Response:
-    return Response(err.json_bytes(), status_code=err.status, media_type="application/json")
+    # a 429 (server at capacity) says when to retry, as Envoy does for the transcoded path
+    headers = {"retry-after": "1"} if err.status == 429 else None
+    return Response(err.json_bytes(), status_code=err.status, media_type="application/json", headers=headers)
 
 
 async def handle(request: Request) -> Response | SSEResponse:
@@ -198,6 +200,7 @@ async def handle(request: Request) -> Response | SSEResponse:
     except ValueError as e:
         return error_response(http_error(400, f"We could not parse the JSON body of your request: {e}."))
     try:
+        body = align_with_transcoder(body, endpoint.request_cls.DESCRIPTOR)
         req = json_format.ParseDict(body, endpoint.request_cls(), ignore_unknown_fields=True)
     except (json_format.ParseError, ValueError, TypeError, RecursionError) as e:
         return error_response(http_error(400, f"Invalid request body: {e}"))

@@ -48,7 +48,7 @@ CORS_ALLOW_HEADERS = [
 CORS_EXPOSE_HEADERS = ["x-request-id", "retry-after"]
 RATE_LIMIT_MESSAGE = "Rate limit reached: this endpoint allows {rps} requests per second. Retry after a second."
 # render()'s optional limits and their defaults (also `genrpc envoy-config`'s flags)
-DEFAULT_LIMITS = {"max_request_bytes": 32 * 1024 * 1024, "unary_timeout_s": 900, "stream_idle_timeout_s": 900}
+DEFAULT_LIMITS = {"max_request_bytes": 4 * 1024 * 1024, "unary_timeout_s": 900, "stream_idle_timeout_s": 900}
 
 
 def _lua_string(text: str) -> str:
@@ -101,7 +101,9 @@ def render(*, listen_host: str, listen_port: int, admin_port: int, grpc_host: st
                   _cluster(BRIDGE_CLUSTER, bridge_host, bridge_port, http2=False)],
         grpc_cluster=GRPC_CLUSTER, bridge_cluster=BRIDGE_CLUSTER, descriptor_path=str(descriptor_path),
         service_name=SERVICE_NAME, transcoder_name=TRANSCODER, metadata_namespace=METADATA_NAMESPACE,
-        max_request_bytes=int(max_request_bytes), unary_timeout_s=int(unary_timeout_s),
+        max_request_bytes=int(max_request_bytes),
+        too_large_message=f"The request body is larger than {int(max_request_bytes)} bytes (limit max_request_bytes).",
+        unary_timeout_s=int(unary_timeout_s),
         stream_idle_timeout_s=int(stream_idle_timeout_s),
         api_keys=sorted((api_keys or {}).items()), client_id_header=CLIENT_ID_HEADER,
         cors_origins=origins, cors_allow_headers=CORS_ALLOW_HEADERS, cors_expose_headers=CORS_EXPOSE_HEADERS,

@@ -96,7 +96,7 @@ def envoy_yaml(settings: Settings, *, listen_host: str | None = None, grpc_host:
     """Envoy's config for `settings`, the one path from settings to `genrpc.envoy.config.render` (used by
     `genrpc up` and `genrpc envoy-config`). Hosts default to --host; `--api-keys-file` turns on Bearer-key auth,
     `--cors-allowed-origins` CORS and `--rate-limit-rps` the rate limit. `options`: render's optional limits
-    (max_request_bytes, unary_timeout_s, stream_idle_timeout_s). The descriptor defaults to the installed one."""
+    (unary_timeout_s, stream_idle_timeout_s). The descriptor defaults to the installed one."""
     from genrpc.envoy import config as envoy_config
 
     api_keys = envoy_config.read_api_keys(settings.api_keys_file) if settings.api_keys_file else None
@@ -105,11 +105,12 @@ def envoy_yaml(settings: Settings, *, listen_host: str | None = None, grpc_host:
         admin_port=settings.envoy_admin_port, grpc_host=grpc_host or settings.host, grpc_port=settings.grpc_port,
         bridge_host=bridge_host or settings.host, bridge_port=settings.bridge_port,
         descriptor_path=str(descriptor or envoy_config.descriptor_path()), api_keys=api_keys,
-        cors_allowed_origins=settings.cors_origins(), rate_limit_rps=settings.rate_limit_rps, **options)
+        cors_allowed_origins=settings.cors_origins(), rate_limit_rps=settings.rate_limit_rps,
+        max_request_bytes=settings.max_request_bytes, **options)
 
 
 ENVOY_SETTINGS = ["host", "grpc_port", "bridge_port", "envoy_port", "envoy_admin_port", "api_keys_file",
-                  "cors_allowed_origins", "rate_limit_rps"]
+                  "cors_allowed_origins", "rate_limit_rps", "max_request_bytes"]
 
 
 def cmd_envoy_config(settings: Settings, args: argparse.Namespace) -> int:
@@ -117,7 +118,7 @@ def cmd_envoy_config(settings: Settings, args: argparse.Namespace) -> int:
     try:
         text = envoy_yaml(settings, listen_host=args.listen_host, grpc_host=args.grpc_host,
                           bridge_host=args.bridge_host, descriptor=args.descriptor,
-                          max_request_bytes=args.max_request_bytes, unary_timeout_s=args.unary_timeout_s,
+                          unary_timeout_s=args.unary_timeout_s,
                           stream_idle_timeout_s=args.stream_idle_timeout_s)
     except (OSError, ValueError) as error:
         print(f"genrpc envoy-config: error: {error}", file=sys.stderr)
@@ -164,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
                        help="path of the proto descriptor set as Envoy will see it (not read here) "
                             "[default: the one installed with genrpc, genrpc/envoy/genrpc.pb]")
     for name, default in DEFAULT_LIMITS.items():
+        if name in Settings.model_fields:
+            continue  # a setting (e.g. --max-request-bytes): one flag, one default
         envoy.add_argument("--" + name.replace("_", "-"), type=int, default=default,
                            help=f"see genrpc.envoy.config.render [default {default}]")
     envoy.add_argument("--output", "-o", default="-", help="file to write (replaced atomically; - = stdout)")

@@ -35,11 +35,13 @@ class GenrpcServer:
         if isinstance(engine, ExportsMetrics) and settings.metrics_port >= 0:
             for collector in engine.prometheus_collectors():  # the runtime's own metrics beside genrpc's
                 self.metrics.registry.register(collector)
-        self.servicer = GenerationServicer(engine, self.metrics, default_max_tokens=settings.default_max_tokens)
+        self.servicer = GenerationServicer(engine, self.metrics, default_max_tokens=settings.default_max_tokens,
+                                           limits=settings.limits(),
+                                           capacity=settings.max_batch_size + settings.max_queue)
         self.health = health.aio.HealthServicer()
         self.grpc_server = grpc.aio.server(
             interceptors=[ServiceInterceptor(self.metrics, (SERVICE_NAME,))],
-            options=[("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
+            options=[("grpc.max_receive_message_length", settings.max_request_bytes),
                      ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
                      # Envoy pings every 30 s (connection_keepalive). gRPC's default allows one ping per 5 min
                      # while the server sends nothing, so a unary call generating for over ~90 s, or an idle
