@@ -156,7 +156,7 @@ function envoy_on_request(handle)
   -- accept the bare key (REQUIRE_BEARER is set above this file from the template).
   if not REQUIRE_BEARER then return end
   local value = handle:headers():get("authorization")
-  if value ~= nil and value:sub(1, 7):lower() ~= "bearer " then
+  if value ~= nil and value:sub(1, 7) ~= "Bearer " then  -- api_key_auth strips exactly this prefix
     local content_type = handle:headers():get("content-type") or ""
     if content_type:find("application/grpc", 1, true) == 1 then
       handle:respond({[":status"] = "200", ["content-type"] = "application/grpc", ["grpc-status"] = "16",
