@@ -46,6 +46,9 @@ CORS_ALLOW_HEADERS = [
 ]
 # Response headers a browser client may read (x-request-id for support; retry-after for the SDKs' backoff on 429).
 CORS_EXPOSE_HEADERS = ["x-request-id", "retry-after"]
+# Unary responses are buffered whole by the transcoder: n=16 choices with logprobs run to megabytes. Not a request
+# limit, so not tied to max_request_bytes.
+MAX_RESPONSE_BYTES = 64 * 1024 * 1024
 RATE_LIMIT_MESSAGE = "Rate limit reached: this endpoint allows {rps} requests per second. Retry after a second."
 # render()'s optional limits and their defaults (also `genrpc envoy-config`'s flags)
 DEFAULT_LIMITS = {"max_request_bytes": 4 * 1024 * 1024, "unary_timeout_s": 900, "stream_idle_timeout_s": 900}
@@ -101,7 +104,7 @@ def render(*, listen_host: str, listen_port: int, admin_port: int, grpc_host: st
                   _cluster(BRIDGE_CLUSTER, bridge_host, bridge_port, http2=False)],
         grpc_cluster=GRPC_CLUSTER, bridge_cluster=BRIDGE_CLUSTER, descriptor_path=str(descriptor_path),
         service_name=SERVICE_NAME, transcoder_name=TRANSCODER, metadata_namespace=METADATA_NAMESPACE,
-        max_request_bytes=int(max_request_bytes),
+        max_request_bytes=int(max_request_bytes), max_response_bytes=MAX_RESPONSE_BYTES,
         too_large_message=f"The request body is larger than {int(max_request_bytes)} bytes (limit max_request_bytes).",
         unary_timeout_s=int(unary_timeout_s),
         stream_idle_timeout_s=int(stream_idle_timeout_s),
