@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test protos bench venv clean
+.PHONY: run test protos bench bench-front venv clean
 
 venv: $(STAMP)
 
@@ -60,8 +60,12 @@ protos: venv
 	$(PY) scripts/gen_request_fields.py
 
 bench: venv
-	$(PY) benchmarks/bench_cpu_engine.py
+	$(PY) benchmarks/bench_engines.py
 	$(PY) benchmarks/bench_stack.py
+
+# The front path (service + bridge + Envoy) with the synthetic engine: CPU per token, lag, TTFT (~4 minutes).
+bench-front: venv
+	$(PY) benchmarks/bench_front.py
 
 clean:
 	rm -rf $(VENV)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 
 import uvicorn
 
@@ -25,10 +26,24 @@ def make_server(settings: Settings) -> uvicorn.Server:
     return uvicorn.Server(config)
 
 
+def reuse_port_socket(host: str, port: int) -> socket.socket:
+    """A listening socket that other bridge workers may bind too (SO_REUSEPORT): the kernel spreads
+    connections over the processes, so per-frame work is not bound to one GIL."""
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind(address)
+    return sock
+
+
 async def serve(settings: Settings) -> None:
     """Serves the bridge until stopped (SIGINT/SIGTERM, or the task being cancelled)."""
     server = make_server(settings)
-    await server.serve()
+    if settings.reuse_port:
+        await server.serve(sockets=[reuse_port_socket(settings.host, settings.bridge_port)])
+    else:
+        await server.serve()
 
 
 def main() -> None:

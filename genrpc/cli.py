@@ -7,9 +7,9 @@ import asyncio
 import logging
 import os
 import pathlib
-import signal
 import sys
 import tempfile
+from collections.abc import Callable
 from typing import Any
 
 from genrpc import chat as chat_module
@@ -28,6 +28,21 @@ def cmd_serve(settings: Settings, _: argparse.Namespace) -> int:
     from genrpc.service.server import serve
 
     _logging(settings)
+    if settings.service_workers > 1:
+        if settings.grpc_port == 0:
+            logging.error("--service-workers > 1 needs a fixed --grpc-port (port 0 would give each worker its own)")
+            return 2
+        if settings.engine == "sglang":
+            logging.error("--service-workers > 1 would start one SGLang engine per worker on the same GPUs")
+            return 2
+        from genrpc import processes
+
+        # Worker i serves metrics on --metrics-port + i (when a fixed port is set).
+        return _run_workers(settings, "serve", settings.service_workers, "GENRPC_SERVICE_WORKERS",
+                            lambda i: {"GENRPC_METRICS_PORT": str(settings.metrics_port + i
+                                                                  if settings.metrics_port > 0
+                                                                  else settings.metrics_port)},
+                            lambda: processes.grpc_serving(settings.grpc_address())(), MODEL_LOAD_TIMEOUT_S)
     asyncio.run(serve(settings))
     return 0
 
@@ -36,8 +51,28 @@ def cmd_bridge(settings: Settings, _: argparse.Namespace) -> int:
     from genrpc.bridge.server import serve
 
     _logging(settings)
+    if settings.bridge_workers > 1:
+        from genrpc import processes
+
+        return _run_workers(settings, "bridge", settings.bridge_workers, "GENRPC_BRIDGE_WORKERS",
+                            lambda i: {"GENRPC_REUSE_PORT": "true"},
+                            processes.http_ok(f"http://{settings.host}:{settings.bridge_port}/health"), 60)
     asyncio.run(serve(settings))
     return 0
+
+
+def _run_workers(settings: Settings, command: str, count: int, count_env: str,
+                 env_for: Callable[[int], dict[str, str]], ready: Callable[[], bool], ready_timeout_s: float) -> int:
+    """N processes of one command sharing its port (SO_REUSEPORT), so per-token Python work is not bound to one
+    GIL. This process only supervises them (genrpc.supervisor: a crashed worker is restarted; SIGTERM drains
+    them all at once). A worker's readiness is the shared port's, so each waits for any worker to answer."""
+    from genrpc.supervisor import ChildSpec, Supervisor
+
+    env = {**settings_env(settings), count_env: "1"}
+    argv = [sys.executable, "-m", "genrpc.cli", command]
+    specs = [ChildSpec(f"{command}-{i}", lambda: argv, ready, ready_timeout_s, {**env, **env_for(i)},
+                       stop_timeout_s=settings.shutdown_grace_s + 5) for i in range(count)]
+    return Supervisor(specs, stop_together=True).run()
 
 
 def settings_env(settings: Settings) -> dict[str, str]:

@@ -42,9 +42,10 @@ class Settings(BaseSettings):
                                                "same; beyond it REST gets 429, gRPC RESOURCE_EXHAUSTED (0 = off)")
 
     # --- model and engine ---
-    engine: Literal["llamacpp", "reference", "sglang"] = Field(
-        "reference", description="model runtime: llamacpp (GGUF on CPU), reference (torch, bit-identical alone "
-                                 "or batched) or sglang (GPUs)")
+    engine: Literal["llamacpp", "reference", "sglang", "synthetic"] = Field(
+        "llamacpp", description="model runtime: llamacpp (GGUF on CPU), reference (torch, bit-identical alone "
+                                 "or batched), sglang (GPUs) or synthetic (no model: timestamp tokens for "
+                                 "front-path benchmarks only)")
     model: str = Field("", description="HF model directory or .gguf file (default: the bundled SmolLM2-135M)")
     model_id: str = Field(DEFAULT_MODEL_ID, description="model id served to clients (`model` in requests)")
     cache_dir: pathlib.Path = Field(default_factory=default_cache_dir,
@@ -52,6 +53,8 @@ class Settings(BaseSettings):
     context_length: int = Field(0, description="context window in tokens (0 = the model's own)")
     max_batch_size: int = Field(16, description="requests decoded together in one step; more wait in a queue")
     max_queue: int = Field(256, description="requests waiting for a batch slot before RESOURCE_EXHAUSTED")
+    llamacpp_threads: int = Field(0, description="llama.cpp engine: CPU threads for decoding and prefill "
+                                                 "(0 = all cores)")
     torch_threads: int = Field(0, description="torch intra-op threads for the reference engine (0 = all cores)")
     reference_batch_invariant: bool = Field(True, description="reference engine: bit-identical results alone or batched "
                                       "(costs ~1.6x single-stream speed)")
@@ -71,6 +74,12 @@ class Settings(BaseSettings):
     max_tokens_limit: int = Field(2048, description="ceiling on generated tokens per choice: the default when a "
                                                     "request sets no max_tokens, and larger requests are refused "
                                                     "(0 = none: the rest of the context)")
+    stream_interval: int = Field(0, ge=0, description="streaming: send deltas every N tokens (the first at once); "
+                                                      "0 = adaptive: each message carries whatever tokens are "
+                                                      "ready when the stream can take it, never delayed. A "
+                                                      "request's own stream_interval overrides it")
+    synthetic_tokens_per_s: float = Field(50.0, ge=0, description="synthetic engine (benchmarks): tokens per "
+                                                                  "second per stream (0 = unpaced)")
 
     # --- SGLang engine (GPU) ---
     tp_size: int = Field(1, description="SGLang tensor-parallel size (GPUs per model replica)")
@@ -83,6 +92,16 @@ class Settings(BaseSettings):
                                                             "(0 = SGLang sizes it from KV-cache memory)")
     sglang_extra_args: str = Field("", description='SGLang: extra ServerArgs as a JSON object, '
                                                    'e.g. {"attention_backend": "fa3"}')
+
+    service_workers: int = Field(1, ge=1, description="gRPC service processes sharing --grpc-port (SO_REUSEPORT), "
+                                                      "each with its own engine, so per-token Python work is not "
+                                                      "bound to one GIL. The kernel spreads connections, not "
+                                                      "streams. Needs a fixed port; not for sglang (one engine "
+                                                      "owns the GPUs)")
+    bridge_workers: int = Field(1, ge=1, description="SSE bridge processes sharing --bridge-port (SO_REUSEPORT); "
+                                                     "the kernel spreads Envoy's connections over them")
+    reuse_port: bool = Field(False, description="bind the bridge's port with SO_REUSEPORT, shared with other "
+                                                "processes (set for the workers of --bridge-workers)")
 
     # --- operations ---
     log_level: str = Field("info", description="log level: debug, info, warning, error")

@@ -49,9 +49,11 @@ class _Running:
 class Supervisor:
     """Runs `specs` (in start order) until `stop()`; see the module docstring."""
 
-    def __init__(self, specs: list[ChildSpec], on_ready: Callable[[], None] = lambda: None):
+    def __init__(self, specs: list[ChildSpec], on_ready: Callable[[], None] = lambda: None,
+                 stop_together: bool = False):
         self._specs = specs
         self._on_ready = on_ready
+        self._stop_together = stop_together  # workers of one kind drain at the same time, not one by one
         self._running: dict[str, _Running] = {}
         self._stopping = threading.Event()
 
@@ -97,6 +99,10 @@ class Supervisor:
     def stop(self) -> None:
         """Drains from the back: the first child started stops first, the front door last."""
         self._stopping.set()
+        if self._stop_together:
+            for running in self._running.values():
+                if running.child.alive():
+                    running.child.process.send_signal(signal.SIGTERM)
         for spec in self._specs:
             running = self._running.get(spec.name)
             if running is not None:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PROTO_DIR = ROOT / "protos" / "genrpc" / "v1"
 README = ROOT / "README.md"
-ENGINES = ("reference", "sglang")
+ENGINES = ("llamacpp", "reference", "sglang")
 VERDICTS = ("honoured", "ignored", "refused")
 # (proto file, request message, what the table is headed with)
 REQUESTS = (

@@ -3,6 +3,15 @@
 Per choice: stop strings are trimmed (text that might start one is held back), tool calls are parsed out of
 the text when tools are in play, and the last event carries the finish reason. Leaving the merged iterator
 for any reason (client cancel, stop string, error) closes every engine stream, which frees the batch slots.
+
+Coalescing: each choice runs in its own task that turns engine deltas into events one by one (so stop
+strings, tool calls, logprobs and token counts are exactly what they would be unmerged) and queues them. The
+consumer (the RPC writing messages) takes the first event as soon as it exists and then, without awaiting,
+everything else already queued, merging each choice's consecutive events into one. So when the writer keeps
+up every token is its own message, and when it falls behind (a busy process, a slow reader) one message
+carries the tokens that piled up meanwhile: per-message costs (gRPC send, SSE frame, Envoy DATA frame) are
+paid per batch, and nothing is ever held back on a timer. `stream_interval` N > 1 instead sends a choice's
+events once N tokens have accumulated (its first output and its finish at once); 1 sends every event alone.
 """
 
 from __future__ import annotations
@@ -70,13 +79,34 @@ async def _run_one(engine: Engine, spec: ChoiceSpec) -> AsyncIterator[ChoiceEven
     raise EngineFailure("the engine ended a stream without a finish reason")
 
 
-async def run_choices(engine: Engine, specs: list[ChoiceSpec]) -> AsyncIterator[ChoiceEvent]:
-    """Yields every choice's events as they come; re-raises the first failure after closing the rest."""
-    if len(specs) == 1:
-        async with contextlib.aclosing(_run_one(engine, specs[0])) as events:
-            async for event in events:
-                yield event
-        return
+def merge_events(events: list[ChoiceEvent]) -> list[ChoiceEvent]:
+    """One choice's consecutive events as few events as keep their rendering identical: text, tool calls and
+    logprobs concatenated in order, counts and finish reason from the last. A group ends at an event with tool
+    calls when more text follows (a message renders its text before its tool calls)."""
+    if len(events) == 1:
+        return events
+    merged, group = [], []
+    for event in events:
+        if group and event.text and group[-1].tool_calls:
+            merged.append(_merged(group))
+            group = []
+        group.append(event)
+    merged.append(_merged(group))
+    return merged
+
+
+def _merged(group: list[ChoiceEvent]) -> ChoiceEvent:
+    if len(group) == 1:
+        return group[0]
+    last = group[-1]
+    return ChoiceEvent(last.index, "".join(e.text for e in group), [c for e in group for c in e.tool_calls],
+                       tuple(lp for e in group for lp in e.logprobs), last.finish_reason, last.prompt_tokens,
+                       last.completion_tokens, last.cached_tokens)
+
+
+async def run_choices(engine: Engine, specs: list[ChoiceSpec], stream_interval: int = 0) -> AsyncIterator[ChoiceEvent]:
+    """Yields every choice's events as they come, coalesced (module docstring); re-raises the first failure
+    after closing the rest. Within a choice the order is kept; choices interleave freely."""
     queue: asyncio.Queue[ChoiceEvent | BaseException | None] = asyncio.Queue()
 
     async def pump(spec: ChoiceSpec) -> None:
@@ -89,16 +119,36 @@ async def run_choices(engine: Engine, specs: list[ChoiceSpec]) -> AsyncIterator[
             queue.put_nowait(error)
 
     tasks = [asyncio.create_task(pump(spec)) for spec in specs]
+    pending: dict[int, list[ChoiceEvent]] = {spec.index: [] for spec in specs}
+    sent_tokens: dict[int, int] = {}  # completion_tokens at the choice's last release (absent: nothing sent)
     try:
         remaining = len(tasks)
-        while remaining:
-            item = await queue.get()
-            if item is None:
-                remaining -= 1
-            elif isinstance(item, BaseException):
-                raise item
-            else:
-                yield item
+        while remaining or any(pending.values()):
+            item = await queue.get() if remaining else None
+            while True:
+                if isinstance(item, ChoiceEvent):
+                    pending[item.index].append(item)
+                elif isinstance(item, BaseException):
+                    raise item
+                elif remaining:  # None: one choice's stream ended (its finish event is already pending)
+                    remaining -= 1
+                if queue.empty():
+                    break
+                item = queue.get_nowait()
+            for index, events in pending.items():
+                if not events:
+                    continue
+                if stream_interval == 1:
+                    released = events
+                elif stream_interval > 1 and index in sent_tokens and events[-1].finish_reason is None \
+                        and events[-1].completion_tokens - sent_tokens[index] < stream_interval:
+                    continue  # fewer than N tokens since the last message: wait for more
+                else:
+                    released = merge_events(events)
+                pending[index] = []
+                sent_tokens[index] = events[-1].completion_tokens
+                for event in released:
+                    yield event
     finally:
         for task in tasks:
             task.cancel()

@@ -37,7 +37,8 @@ class GenrpcServer:
                 self.metrics.registry.register(collector)
         self.servicer = GenerationServicer(engine, self.metrics, default_max_tokens=settings.default_max_tokens,
                                            limits=settings.limits(),
-                                           capacity=settings.max_batch_size + settings.max_queue)
+                                           capacity=settings.max_batch_size + settings.max_queue,
+                                           stream_interval=settings.stream_interval)
         self.health = health.aio.HealthServicer()
         self.grpc_server = grpc.aio.server(
             interceptors=[ServiceInterceptor(self.metrics, (SERVICE_NAME,))],

@@ -58,8 +58,10 @@ class GenerationServicer(generation_service_pb2_grpc.GenerationServiceServicer):
     RESOURCE_EXHAUSTED before any parsing or templating (0 = no admission control, the engine's queue decides)."""
 
     def __init__(self, engine: Engine, metrics: ServiceMetrics, *, default_max_tokens: int = 0,
-                 limits: validation.Limits = validation.DEFAULT_LIMITS, capacity: int = 0):
+                 limits: validation.Limits = validation.DEFAULT_LIMITS, capacity: int = 0,
+                 stream_interval: int = 0):
         self._engine = engine
+        self._stream_interval = stream_interval  # server default; a request's stream_interval overrides it
         self._metrics = metrics
         self._default_max_tokens = default_max_tokens
         self._limits = limits
@@ -216,14 +218,24 @@ class GenerationServicer(generation_service_pb2_grpc.GenerationServiceServicer):
 
     # ---- running the choices ----------------------------------------------------------------------------
 
-    async def _events(self, prepared: _Prepared) -> AsyncIterator[tuple[ChoiceEvent, bool]]:
-        """The merged choice events, each with whether it is the very last finish of the request."""
+    def _request_stream_interval(self, request) -> int:
+        """The request's `stream_interval` extension, or the server's default when absent or 0."""
+        if not request.HasField("stream_interval") or request.stream_interval == 0:
+            return self._stream_interval
+        if request.stream_interval < 0:
+            raise InvalidArgument("stream_interval", f"'stream_interval' must be 0 (the server's default), 1 (a "
+                                                     f"chunk per token) or more; got {request.stream_interval}.")
+        return request.stream_interval
+
+    async def _events(self, prepared: _Prepared, stream_interval: int = 0) -> AsyncIterator[tuple[ChoiceEvent, bool]]:
+        """The merged choice events (coalesced, see service.choices), each with whether it is the very last
+        finish of the request."""
         started = time.perf_counter()
         unfinished = len(prepared.specs)
         first = True
         completion_tokens = 0
         has_images = any(spec.images for spec in prepared.specs)
-        async with contextlib.aclosing(run_choices(self._engine, prepared.specs)) as events:
+        async with contextlib.aclosing(run_choices(self._engine, prepared.specs, stream_interval)) as events:
             async for event in events:
                 if first and (event.text or event.tool_calls):
                     self._metrics.time_to_first_token.observe(time.perf_counter() - started)
@@ -260,6 +272,7 @@ class GenerationServicer(generation_service_pb2_grpc.GenerationServiceServicer):
     async def _chat(self, request: chat_pb2.ChatCompletionRequest):
         if request.HasField("stream") and not request.stream:
             raise InvalidArgument("stream", "'stream' is false; call CreateChatCompletion for a whole response.")
+        stream_interval = self._request_stream_interval(request)
         prepared = await self._prepare_chat(request)
         base = dict(id=f"chatcmpl-{uuid.uuid4().hex}", object="chat.completion.chunk", created=int(time.time()),
                     model=prepared.model, system_fingerprint=self._fingerprint())
@@ -271,7 +284,7 @@ class GenerationServicer(generation_service_pb2_grpc.GenerationServiceServicer):
                 index=index, delta=delta, logprobs=logprobs,
                 finish_reason=string_value(finish) if finish else NULL)])
 
-        async for event, last in self._events(prepared):
+        async for event, last in self._events(prepared, stream_interval):
             state = states[event.index]
             state.pending_logprobs.extend(event.logprobs)
             if not state.started:  # sent once the engine produced output, so early errors stay clean statuses
@@ -349,12 +362,13 @@ class GenerationServicer(generation_service_pb2_grpc.GenerationServiceServicer):
     async def _generate(self, request: completion_pb2.CompletionRequest):
         if request.HasField("stream") and not request.stream:
             raise InvalidArgument("stream", "'stream' is false; call CreateCompletion for a whole response.")
+        stream_interval = self._request_stream_interval(request)
         prepared = await self._prepare_completion(request)
         base = dict(id=f"cmpl-{uuid.uuid4().hex}", object="text_completion", created=int(time.time()),
                     model=prepared.model, system_fingerprint=self._fingerprint())
         states = {spec.index: _ChoiceProgress() for spec in prepared.specs}
         offsets = dict.fromkeys(states, 0)
-        async for event, last in self._events(prepared):
+        async for event, last in self._events(prepared, stream_interval):
             state = states[event.index]
             text = event.text
             if not state.started:

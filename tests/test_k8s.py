@@ -323,7 +323,7 @@ def test_gpu_overlay():
 def test_cpu_overlay_has_no_gpu():
     docs = render("cpu")
     service = container(find(docs, "Deployment", "genrpc-service"), "service")
-    assert env_of(service)["GENRPC_ENGINE"] == "reference"
+    assert env_of(service)["GENRPC_ENGINE"] == "llamacpp"
     assert "nvidia.com/gpu" not in str(docs)
 
 

@@ -38,10 +38,11 @@ def client(stack):
 
 @pytest.fixture(scope="module")
 def tokenizer(stack):
-    from genrpc.service.engines.reference.model_store import resolve_model_dir
+    # The served engine's tokenizer (the llama.cpp engine's cached export of the GGUF vocabulary).
+    from genrpc.service.engines.gguf_files import bundled_gguf_path
+    from genrpc.service.engines.llamacpp.tokenizer import load_cached
 
-    settings = Settings()
-    return Tokenizer.from_file(str(resolve_model_dir(settings.model, settings.cache_dir) / "tokenizer.json"))
+    return load_cached(bundled_gguf_path(), Settings().cache_dir)[0].backend
 
 
 def ask(client, stack, **fields):
@@ -84,8 +85,11 @@ def test_truncation_samplers_only_pick_allowed_tokens(client, stack):
                        lambda lp, top: lp >= top[2] - EPSILON)
     _check_every_token(ask(client, stack, seed=4, extra_body={"min_p": 0.3}, **common),
                        lambda lp, top: lp >= top[0] + math.log(0.3) - EPSILON)
-    _check_every_token(ask(client, stack, seed=5, extra_body={"top_a": 0.5}, **common),
-                       lambda lp, top: lp >= math.log(0.5) + 2 * top[0] - EPSILON)
+    # top_a: llama.cpp (the default engine) has no top-a sampler, so it is refused naming the field (the reference
+    # engine honours it: tests/test_reference_engine.py).
+    with pytest.raises(openai.BadRequestError) as refused:
+        ask(client, stack, seed=5, extra_body={"top_a": 0.5}, **common)
+    assert refused.value.body["param"] == "top_a"
 
     def in_nucleus(lp, top):
         more_likely = sum(math.exp(t) for t in top if t > lp + EPSILON)
@@ -104,13 +108,20 @@ def test_penalties_reduce_repetition(client, stack):
 
 
 def test_ignore_eos_and_min_tokens(client, stack):
-    short = ask(client, stack, max_tokens=200, temperature=0)
+    short = ask(client, stack, messages=[{"role": "user", "content": "Say hi."}], max_tokens=200, temperature=0)
     assert short.choices[0].finish_reason == "stop"
     n = short.usage.completion_tokens
-    forced = ask(client, stack, max_tokens=n + 10, temperature=0, extra_body={"ignore_eos": True})
+    forced = ask(client, stack, messages=[{"role": "user", "content": "Say hi."}], max_tokens=n + 10, temperature=0,
+                 extra_body={"ignore_eos": True})
     assert forced.usage.completion_tokens == n + 10 and forced.choices[0].finish_reason == "length"
-    longer = ask(client, stack, max_tokens=n + 40, temperature=0, extra_body={"min_tokens": n + 5})
-    assert longer.usage.completion_tokens >= n + 5
+    # llama.cpp (the default engine) has no minimum-length sampler: min_tokens = max_tokens is ignore_eos ...
+    longer = ask(client, stack, messages=[{"role": "user", "content": "Say hi."}], max_tokens=n + 5, temperature=0,
+                 extra_body={"min_tokens": n + 5})
+    assert longer.usage.completion_tokens == n + 5
+    # ... and a shorter minimum is refused naming the field (the reference engine honours it).
+    with pytest.raises(openai.BadRequestError) as refused:
+        ask(client, stack, max_tokens=n + 40, temperature=0, extra_body={"min_tokens": n + 5})
+    assert refused.value.body["param"] == "min_tokens"
 
 
 def test_n_choices_with_seed(client, stack):
@@ -118,15 +129,15 @@ def test_n_choices_with_seed(client, stack):
     assert [c.index for c in reply.choices] == [0, 1, 2]
     texts = [c.message.content for c in reply.choices]
     assert len(set(texts)) > 1
-    again = ask(client, stack, messages=STORY, n=3, seed=11, max_tokens=12, temperature=1.0)
-    assert [c.message.content for c in again.choices] == texts
+    # Reproducing the same choices from the same seed across requests is the reference engine's guarantee
+    # (bit-identical alone or batched); llama.cpp, the default engine, is not batch invariant.
     assert 3 <= reply.usage.completion_tokens <= 36  # summed over the three choices, 12 tokens at most each
     streamed = list(ask(client, stack, messages=STORY, n=3, seed=11, max_tokens=12, temperature=1.0, stream=True,
                         stream_options={"include_usage": True}))
     by_index = {i: "".join(c.choices[0].delta.content or "" for c in streamed if c.choices and c.choices[0].index == i)
                 for i in range(3)}
-    assert [by_index[i] for i in range(3)] == texts
-    assert streamed[-1].usage.completion_tokens == reply.usage.completion_tokens
+    assert all(by_index[i] for i in range(3))
+    assert 3 <= streamed[-1].usage.completion_tokens <= 36
 
 
 # ---- logprobs -------------------------------------------------------------------------------------------

@@ -262,6 +262,9 @@ def test_engine_kwargs_are_sglang_server_args(sglang_checked):
     assert result["ok"], result
     assert result["fields"]["dp_size"] == 4 and result["fields"]["context_length"] == 131072
     assert result["fields"]["tool_call_parser"] == "qwen"
+    # Incremental segments, not cumulative text (SGLang's own ServerArgs field, serving group, in 0.5.23).
+    assert kwargs["incremental_streaming_output"] is True
+    assert result["fields"]["incremental_streaming_output"] is True
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -332,6 +335,47 @@ def test_length_and_incremental_streams():
     assert [(d.text, d.token_ids, d.completion_tokens) for d in deltas] == [("Hi", (13048,), 1),
                                                                             (" there", (1052,), 2)]
     assert deltas[-1].finish_reason is FinishReason.LENGTH
+
+
+def coalesced_incremental_stream(rid: str) -> list[dict[str, Any]]:
+    """`incremental_streaming_output=True` with logprobs, the consumer behind: TokenizerManager
+    `_coalesce_streaming_chunks` (0.5.23) joins the queued segments' text and output_ids and concatenates the
+    per-token lists of `_INCREMENTAL_STREAMING_META_INFO_KEYS` (each already sliced to its segment by
+    `_slice_streaming_output_meta_info`); the rest of meta_info is the last segment's. Then the abort item
+    `_handle_abort_req` builds after a client abort: cumulative text, [last id], no prompt_tokens."""
+    first = _meta(rid, finish=None, completion=1)
+    first.update(output_token_logprobs=[(-0.1, 9707, None)], output_top_logprobs=[[(-0.1, 9707, None)]])
+    joined = _meta(rid, finish=None, completion=3)  # segments 2 and 3, coalesced
+    joined.update(output_token_logprobs=[(-0.7, 11, None), (-0.3, 1879, None)],
+                  output_top_logprobs=[[(-0.7, 11, None)], [(-0.3, 1879, None)]])
+    last = _meta(rid, finish={"type": "length", "length": 4}, completion=4)
+    last.update(output_token_logprobs=[(-0.2, 0, None)], output_top_logprobs=[[(-0.2, 0, None)]])
+    return [{"text": "Hello", "output_ids": [9707], "meta_info": first},
+            {"text": ", world", "output_ids": [11, 1879], "meta_info": joined},
+            {"text": "!", "output_ids": [0], "meta_info": last}]
+
+
+def test_incremental_coalesced_segments_keep_every_token():
+    norm = StreamNormalizer(incremental=True, prompt_tokens=7)
+    deltas = [d for d in map(norm.feed, coalesced_incremental_stream(uuid.uuid4().hex)) if d is not None]
+    assert [d.text for d in deltas] == ["Hello", ", world", "!"]
+    assert [d.token_ids for d in deltas] == [(9707,), (11, 1879), (0,)]
+    assert [d.completion_tokens for d in deltas] == [1, 3, 4]
+    # one logprob entry per token, in order, across the coalesced segment
+    assert [[lp.token_id for lp in d.logprobs] for d in deltas] == [[9707], [11, 1879], [0]]
+    assert [lp.logprob for d in deltas for lp in d.logprobs] == [-0.1, -0.7, -0.3, -0.2]
+    assert deltas[-1].finish_reason is FinishReason.LENGTH and norm.finished
+
+
+def test_incremental_abort_item_with_cumulative_text_raises():
+    rid = uuid.uuid4().hex
+    norm = StreamNormalizer(incremental=True)
+    assert norm.feed(coalesced_incremental_stream(rid)[0]).text == "Hello"
+    abort = {"text": "Hello, world", "output_ids": [1879],
+             "meta_info": {"id": rid, "finish_reason": {"type": "abort", "message": "Abort in waiting queue"},
+                           "completion_tokens": 3}}
+    with pytest.raises(EngineUnavailable):  # an abort without a status code: retry elsewhere
+        norm.feed(abort)
 
 
 def test_logprobs_are_normalised_per_token():

@@ -6,8 +6,12 @@ happen only for the engine chosen.
 
 from __future__ import annotations
 
+import pathlib
+
 from genrpc.settings import Settings
 from genrpc.service.engines.base import Engine
+from genrpc.service.engines.gguf_files import bundled_gguf_path
+from genrpc.service.engines.llamacpp.engine import LlamaCppEngineConfig
 from genrpc.service.engines.reference.config import ReferenceEngineConfig
 from genrpc.service.engines.sglang_mapping import SGLangEngineConfig
 
@@ -31,6 +35,14 @@ def sglang_config(settings: Settings) -> SGLangEngineConfig:
         extra_args=settings.sglang_extra_args)
 
 
+def llamacpp_config(settings: Settings) -> LlamaCppEngineConfig:
+    return LlamaCppEngineConfig(
+        gguf_path=pathlib.Path(settings.model).expanduser() if settings.model else bundled_gguf_path(),
+        cache_dir=pathlib.Path(settings.cache_dir).expanduser(), model_id=settings.model_id,
+        context_length=settings.context_length, slots=settings.max_batch_size, max_queue=settings.max_queue,
+        threads=settings.llamacpp_threads)
+
+
 def build_engine(settings: Settings) -> Engine:
     """The engine named by settings.engine."""
     if settings.engine == "reference":
@@ -41,7 +53,14 @@ def build_engine(settings: Settings) -> Engine:
         from genrpc.service.engines.sglang_engine import SGLangEngine
 
         return SGLangEngine(sglang_config(settings))
+    if settings.engine == "synthetic":  # measuring the front path only (benchmarks/bench_front.py)
+        from genrpc.service.engines.synthetic import SyntheticEngine, SyntheticEngineConfig
+
+        return SyntheticEngine(SyntheticEngineConfig(
+            model_id=settings.model_id, tokens_per_s=settings.synthetic_tokens_per_s, max_queue=settings.max_queue,
+            context_length=settings.context_length))
     if settings.engine == "llamacpp":
-        # The llama.cpp engine (service/engines/llamacpp/) plugs in here with its own config object.
-        raise NotImplementedError("the llamacpp engine is not available in this build; use --engine reference")
+        from genrpc.service.engines.llamacpp import LlamaCppEngine
+
+        return LlamaCppEngine(llamacpp_config(settings))
     raise ValueError(f"unknown engine {settings.engine!r}")

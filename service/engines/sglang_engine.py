@@ -13,8 +13,8 @@ How it uses SGLang (all read from SGLang 0.5.23's source, see service/engines/sg
 - Vision models: ``model_info.accepts_images`` is SGLang's own verdict (its TokenizerManager built a multimodal
   processor), and a request's images go along as ``image_data`` with the token ids, whose chat-template image
   placeholders SGLang's processor expands (why ids suffice: sglang_mapping.py, "Images").
-- Items are cumulative (``incremental_streaming_output`` is False by default); `StreamNormalizer` turns
-  them into GenerationDelta objects.
+- Items are incremental segments (``engine_kwargs`` sets ``incremental_streaming_output=True``: no O(n^2)
+  cumulative text per request); `StreamNormalizer` turns them into GenerationDelta objects.
 - Cancel: the SGLang generator is held in ``contextlib.aclosing`` and, unless the request finished,
   ``tokenizer_manager.abort_request(rid=...)`` is called before it is closed, so the scheduler frees the
   batch slot within one decode step.

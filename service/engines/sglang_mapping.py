@@ -215,10 +215,14 @@ def config_has_vision(model_path: str) -> bool:
 # --------------------------------------------------------------------------------------------------------------
 
 class StreamNormalizer:
-    """Turns SGLang's stream items (cumulative by default) into GenerationDelta objects.
+    """Turns SGLang's stream items into GenerationDelta objects.
 
-    ``feed(item)`` returns a delta, or None when the item added nothing (SGLang may repeat an item when
-    several outputs were drained at once); it raises a typed engine error for an abort.
+    genrpc starts SGLang with ``incremental_streaming_output=True``: each item is a disjoint segment (text,
+    ids and the per-token logprob lists sliced to the segment; several queued segments arrive concatenated
+    as one item). Cumulative items (SGLang's default) are handled too. ``feed(item)`` returns a delta, or None
+    when the item added nothing (in cumulative mode SGLang may repeat an item when several outputs were
+    drained at once); it raises an engine error for an abort (in incremental mode the abort item built
+    by ``_handle_abort_req`` carries the cumulative text, which is why it must never be read as a segment).
     """
 
     def __init__(self, *, incremental: bool = False, prompt_tokens: int = 0):
@@ -317,6 +321,10 @@ def engine_kwargs(config: SGLangEngineConfig) -> dict[str, Any]:
         # Token ids in, text + ids out: the service tokenizes (chat template, counting) itself.
         "skip_tokenizer_init": False,
         "enable_metrics": config.enable_metrics,
+        # Streamed items are disjoint segments, not cumulative text/ids (O(n) per request, not O(n^2)); queued
+        # segments are concatenated by TokenizerManager._coalesce_streaming_chunks (0.5.23). StreamNormalizer
+        # reads whichever mode the engine's server_args report.
+        "incremental_streaming_output": True,
     }
     if config.context_length:
         kwargs["context_length"] = config.context_length

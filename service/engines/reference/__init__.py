@@ -1,4 +1,4 @@
-"""The reference engine: torch + transformers on CPU with continuous batching over one shared KV cache."""
+"""The reference engine: torch + transformers on CPU, bit-identical alone or batched (continuous batching over one shared KV cache)."""
 
 from genrpc.service.engines.reference.config import ReferenceEngineConfig
 from genrpc.service.engines.reference.engine import ReferenceEngine

@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 
 class ReferenceEngine:
-    """The default engine. See the module docstring and `batch.py` for the batching scheme."""
+    """The bit-exact reference engine. See the module docstring and `batch.py` for the batching scheme."""
 
     def __init__(self, config: ReferenceEngineConfig) -> None:
         self._config = config

