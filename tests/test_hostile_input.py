@@ -159,6 +159,8 @@ def test_dashscope_route_hostile_input(http, stack):
             check_dashscope_error(post(http, DASHSCOPE_PATH, body), f"{field}={value!r}")
     for value in BAD_VALUES:
         for key in ("model", "input", "parameters"):
+            if key == "parameters" and value in (None, {}):
+                continue  # valid: no parameters, so no max_tokens (a long generation)
             body = {"model": stack.model, "input": {"messages": MESSAGES}, "parameters": {"max_tokens": 1}, key: value}
             check_dashscope_error(post(http, DASHSCOPE_PATH, body), f"{key}={value!r}")
 
