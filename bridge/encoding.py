@@ -60,8 +60,8 @@ def loads_object(body: bytes) -> dict[str, Any]:
 # ---- Envoy's transcoder's leniencies, so both REST paths accept and refuse the same bodies -------------------
 # Envoy's transcoder parses JSON with protobuf's C++ stream converter (DataPiece): a bool field also takes the
 # strings "true"/"t"/"yes"/"y"/"1" and "false"/"f"/"no"/"n"/"0" (any case; absl's SimpleAtob), and a number field
-# never takes a JSON bool. Python's json_format takes only JSON bools (or "true"/"false") for a bool and reads
-# true as 1 for a number. `align_with_transcoder` rewrites a body so ParseDict gives the transcoder's verdict.
+# never takes a JSON bool, and a message field takes only an object. Python's json_format takes only JSON bools
+# (or "true"/"false") for a bool, reads true as 1 for a number and [] as an empty message. `align_with_transcoder` rewrites a body so ParseDict gives the transcoder's verdict.
 
 _TRUE_STRINGS = {"true", "t", "yes", "y", "1"}
 _FALSE_STRINGS = {"false", "f", "no", "n", "0"}
@@ -82,7 +82,9 @@ def _align_scalar(field: FieldDescriptor, value: Any) -> Any:
         raise ValueError(f"Invalid value for bool field {field.name}: {value!r}")
     if field.type in _NUMBER_TYPES and isinstance(value, bool):
         raise ValueError(f"Invalid value for number field {field.name}: {value!r}")
-    if field.message_type is not None and isinstance(value, dict):
+    if field.message_type is not None and not field.message_type.full_name.startswith("google.protobuf."):
+        if not isinstance(value, dict):  # json_format reads [] as an empty message; the transcoder refuses it
+            raise ValueError(f"Invalid value for message field {field.name}: expected an object")
         align_with_transcoder(value, field.message_type)
     return value
 
