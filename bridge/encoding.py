@@ -95,6 +95,8 @@ def align_with_transcoder(body: dict[str, Any], descriptor: Descriptor) -> dict[
         return body
     fields = {f.json_name: f for f in descriptor.fields} | {f.name: f for f in descriptor.fields}
     for key, value in body.items():
+        if key == "":  # the transcoder refuses an empty field name (an unknown name is dropped)
+            raise ValueError(f"Invalid empty field name in {descriptor.name}")
         field = fields.get(key)
         if field is None or value is None:
             continue
