@@ -79,14 +79,26 @@ async def rpc(stub, max_tokens: int) -> tuple[str, int, float, bool]:
         return "grpc", status, time.perf_counter() - started, False
 
 
-async def burst(envoy: str, count: int, max_tokens: int):
+async def burst(envoy: str, count: int, max_tokens: int, watch: "QueueWatch", queue: int, probes: int):
+    """The burst, plus `probes` sequential requests per path sent while the server is full (queue at its
+    setting): their refusal latency is the server's decision time without the burst's client-side contention."""
     async with httpx.AsyncClient(base_url=f"http://{envoy}", timeout=600,
                                  limits=httpx.Limits(max_connections=count)) as client, \
+            httpx.AsyncClient(base_url=f"http://{envoy}", timeout=600) as probe_client, \
             grpc.aio.insecure_channel(envoy) as channel:
         stub = generation_service_pb2_grpc.GenerationServiceStub(channel)
         calls = [rest(client, False, max_tokens) if i % 3 == 0 else rest(client, True, max_tokens) if i % 3 == 1
                  else rpc(stub, max_tokens) for i in range(count)]
-        return await asyncio.gather(*calls)
+        everything = asyncio.gather(*calls)
+        probed = []
+        deadline = time.monotonic() + 60
+        while watch.max_waiting < queue and time.monotonic() < deadline and not everything.done():
+            await asyncio.sleep(0.01)
+        for _ in range(probes):
+            for call in (lambda: rest(probe_client, False, max_tokens), lambda: rest(probe_client, True, max_tokens),
+                         lambda: rpc(stub, max_tokens)):
+                probed.append(await call())
+        return await everything, probed
 
 
 def main() -> None:
@@ -95,6 +107,7 @@ def main() -> None:
     parser.add_argument("--queue", type=int, default=256)
     parser.add_argument("--factor", type=float, default=4.0)
     parser.add_argument("--max-tokens", type=int, default=8)
+    parser.add_argument("--probes", type=int, default=20, help="sequential probes per path while the server is full")
     args = parser.parse_args()
     capacity = args.slots + args.queue
     count = int(capacity * args.factor)
@@ -111,13 +124,14 @@ def main() -> None:
         watch = QueueWatch(f"http://127.0.0.1:{ports['metrics_port']}/metrics")
         watch.start()
         started = time.perf_counter()
-        results = asyncio.run(burst(f"127.0.0.1:{ports['envoy_port']}", count, args.max_tokens))
+        results, probed = asyncio.run(burst(f"127.0.0.1:{ports['envoy_port']}", count, args.max_tokens, watch,
+                                            args.queue, args.probes))
         wall = time.perf_counter() - started
         watch.stop.set()
         watch.join(10)
         refused = [r for r in results if abs(r[1]) == 429]
         admitted = [r for r in results if r[1] == 200]
-        errors = [r for r in results if r[1] >= 500]
+        errors = [r for r in results + probed if r[1] >= 500]
         print(f"burst: {count} requests ({args.factor:g}x capacity {args.slots} slots + {args.queue} queue), "
               f"max_tokens {args.max_tokens}, done in {wall:.1f} s")
         latencies = [r[2] for r in refused]
@@ -128,6 +142,10 @@ def main() -> None:
             lat = [r[2] for r in refused if r[0] == kind]
             print(f"    {kind:4s}: {len(lat)} refused, p50 {percentile(lat, .5) * 1000:.1f} ms, "
                   f"p99 {percentile(lat, .99) * 1000:.1f} ms")
+        for kind in ("rest", "sse", "grpc"):
+            lat = [r[2] for r in probed if r[0] == kind and abs(r[1]) == 429]
+            print(f"  probes while full, {kind:4s}: {len(lat)}/{sum(1 for r in probed if r[0] == kind)} refused, "
+                  f"p50 {percentile(lat, .5) * 1000:.1f} ms, p99 {percentile(lat, .99) * 1000:.1f} ms")
         print(f"  admitted: {len(admitted)}, completed: {sum(1 for r in admitted if r[3])}")
         print(f"  5xx / other errors: {len(errors)}; other statuses: "
               f"{sorted({r[1] for r in results} - {200, 429, -429})}")
