@@ -61,7 +61,6 @@ protos: venv
 
 bench: venv
 	$(PY) benchmarks/bench_engines.py
-	$(PY) benchmarks/bench_stack.py
 
 # The front path (service + bridge + Envoy) with the synthetic engine: CPU per token, lag, TTFT (~4 minutes).
 bench-front: venv

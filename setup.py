@@ -11,7 +11,7 @@ from setuptools import find_packages, setup
 NAMESPACED_FOLDERS = {"service": "genrpc.service", "bridge": "genrpc.bridge", "envoy": "genrpc.envoy"}
 # files that are not Python but ship with a package (found with importlib.resources, never through __file__)
 PACKAGE_DATA = {
-    "genrpc.envoy": ["envoy.yaml.j2", "error_shaper.lua", "genrpc.pb"],
+    "genrpc.envoy": ["envoy.yaml.j2", "error_shaper.lua", "affinity.lua", "genrpc.pb"],
     "genrpc.bridge": ["static/*"],  # the playground page (bridge/playground.py)
 }
 

@@ -1,25 +1,38 @@
-"""Engines side by side, in process, on the same GGUF and prompts: genrpc's llama.cpp engine against llama.cpp's
-own server (xllamacpp's `handle_completions`, same server parameters), at 1 / 4 / 8 / 16 concurrent streams.
+"""genrpc against llama.cpp on the same GGUF and prompts, in one run, at 1 / 4 / 8 / 16 concurrent streams:
+
+  1. llama.cpp's own server in process (xllamacpp's `handle_completions`, the same server parameters),
+  2. genrpc's llama.cpp engine in process,
+  3. the whole genrpc stack (`genrpc up`: service, bridge, Envoy) driven by the OpenAI SDK, streaming,
 
     .venv/bin/python benchmarks/bench_engines.py [--tokens 128] [--concurrency 1 4 8 16] [--with-reference]
 
-Every stream generates exactly --tokens tokens (greedy, EOS ignored). Per row: median time to first token,
-median per-stream decode rate (tokens after the first / time after the first), aggregate tokens/s (all tokens /
-wall time), and the ratio genrpc / llama.cpp. `--with-reference` adds the torch reference engine (slow).
+Each side runs alone (the others are stopped), so they do not share the two cores. Every stream generates exactly
+--tokens tokens (greedy, EOS ignored). Per row: median time to first token, median per-stream decode rate (tokens
+after the first / time after the first), aggregate tokens/s (all tokens / wall time), and the ratios to llama.cpp.
+Also: the stack's cached start time and the service's RSS. `--with-reference` adds the torch reference engine.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
+import socket
 import statistics
+import sys
+import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+
+import openai
+
+from genrpc import processes
 
 from genrpc.settings import Settings
 from genrpc.service.engines.base import GenerationRequest, SamplingParams
-from genrpc.service.engines.factory import llamacpp_config
+from genrpc.service.engines.factory import llamacpp_config, reference_config
 from genrpc.service.engines.llamacpp import LlamaCppEngine, LlamaCppEngineConfig
 from genrpc.service.engines.llamacpp.engine import server_params
 
@@ -101,6 +114,74 @@ def bench_xllamacpp(server, prompts: list[list[int]], concurrency: int, tokens: 
     return summarize(runs, time.perf_counter() - t0)
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+
+
+def service_pid(up_pid: int) -> int:
+    """The `genrpc serve` child of `genrpc up`."""
+    for task in os.listdir(f"/proc/{up_pid}/task"):
+        for child in open(f"/proc/{up_pid}/task/{task}/children").read().split():
+            if b" serve" in open(f"/proc/{child}/cmdline", "rb").read().replace(b"\0", b" ") + b" ":
+                return int(child)
+    raise LookupError("no service child")
+
+
+def bench_stack(base_url: str, model: str, user_prompts: list[str], concurrency: int, tokens: int) -> Row:
+    """The OpenAI SDK streaming through Envoy and the bridge, one thread per stream."""
+    client = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=600)
+
+    def one(i: int) -> Run:
+        t0 = time.perf_counter()
+        first = last = 0.0
+        count = 0
+        for chunk in client.chat.completions.create(
+                model=model, messages=[{"role": "user", "content": user_prompts[i % len(user_prompts)]}],
+                max_tokens=tokens, temperature=0, stream=True, stream_options={"include_usage": True},
+                extra_body={"ignore_eos": True}):
+            if chunk.choices and chunk.choices[0].delta.content:
+                last = time.perf_counter() - t0
+                first = first or last
+            if chunk.usage:
+                count = chunk.usage.completion_tokens
+        return Run(first, last, count)
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        runs = list(pool.map(one, range(concurrency)))
+    return summarize(runs, time.perf_counter() - t0)
+
+
+def run_stack(args: argparse.Namespace, slots: int) -> tuple[dict[int, Row], float, float]:
+    """Rows for the whole stack, its start time (to Envoy ready, model cached) and the service's RSS (MB)."""
+    ports = {n: free_port() for n in ("grpc_port", "bridge_port", "envoy_port", "envoy_admin_port", "metrics_port")}
+    env = {f"GENRPC_{n.upper()}": str(p) for n, p in ports.items()}
+    env["GENRPC_MAX_BATCH_SIZE"] = str(slots)
+    log = tempfile.NamedTemporaryFile(prefix="genrpc-bench-", suffix=".log", delete=False).name
+    t0 = time.perf_counter()
+    child = processes.spawn("genrpc up", [sys.executable, "-m", "genrpc.cli", "up", "--envoy-base-id", "4242"],
+                            env=env, log_path=log)
+    try:
+        processes.wait_until(processes.http_ok(f"http://127.0.0.1:{ports['envoy_admin_port']}/ready"), child, 900,
+                             "ready")
+        started = time.perf_counter() - t0
+        base_url = f"http://127.0.0.1:{ports['envoy_port']}/v1"
+        rows = {}
+        for c in args.concurrency:
+            bench_stack(base_url, Settings().model_id, USER_PROMPTS, c, 4)
+            rows[c] = bench_stack(base_url, Settings().model_id, USER_PROMPTS, c, args.tokens)
+        return rows, started, rss_mb(service_pid(child.process.pid))
+    finally:
+        child.stop()
+
+
 def print_table(title: str, rows: dict[int, Row], baseline: dict[int, Row] | None) -> None:
     print(f"\n{title}")
     print(f"{'streams':>7} {'TTFT ms':>9} {'decode tok/s':>13} {'aggregate tok/s':>16}"
@@ -142,13 +223,19 @@ async def main(args: argparse.Namespace) -> None:
         theirs[c] = await asyncio.to_thread(bench_xllamacpp, server, prompts, c, args.tokens)
     del server
 
+    stack, stack_start_s, service_rss = run_stack(args, slots)
+
     print_table("llama.cpp's own server in process (xllamacpp handle_completions)", theirs, None)
     print_table("genrpc llama.cpp engine in process (ratios: genrpc / llama.cpp)", ours, theirs)
+    print_table("whole genrpc stack: OpenAI SDK streaming through Envoy + bridge (ratios: stack / llama.cpp)",
+                stack, theirs)
+    print(f"\nstack cached start (genrpc up to Envoy ready): {stack_start_s:.1f} s; service RSS after the run: "
+          f"{service_rss:.0f} MB")
 
     if args.with_reference:
-        from genrpc.service.engines.reference import ReferenceEngine
+        from genrpc.service.engines.reference.engine import ReferenceEngine
 
-        reference = ReferenceEngine(Settings(max_batch_size=slots))
+        reference = ReferenceEngine(reference_config(Settings(max_batch_size=slots)))
         await reference.start()
         ref_rows = {c: await bench_engine(reference, prompts, c, args.tokens) for c in args.concurrency}
         await reference.shutdown()

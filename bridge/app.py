@@ -1,9 +1,10 @@
-"""The SSE bridge: OpenAI and DashScope REST in, `Chat`/`Generate` gRPC streams out, SSE frames back.
+"""The SSE bridge: OpenAI and DashScope REST in, `Chat`/`Generate`/`StreamResponse` gRPC streams out, SSE frames back.
 
-Envoy routes `"stream": true` bodies of `POST /v1/chat/completions` and `POST /v1/completions`, and the
-DashScope prefix, here untouched. The parts:
+Envoy routes `"stream": true` bodies of `POST /v1/chat/completions`, `POST /v1/completions` and
+`POST /v1/responses`, and the DashScope prefix, here untouched. The parts:
 - bridge/stream.py: the core every protocol shares (call options, first-message wait, the SSE response);
-- bridge/openai_api.py and bridge/dashscope.py: a route handler and a renderer per protocol;
+- bridge/openai_api.py, bridge/responses_sse.py and bridge/dashscope.py: a route handler and a renderer per
+  protocol;
 - bridge/health.py: the service's readiness for `GET /health/ready`; bridge/errors.py: gRPC status -> error body.
 
 The app state holds one shared grpc.aio channel to `settings.grpc_address()`, opened and closed by the lifespan.
@@ -12,6 +13,7 @@ The app state holds one shared grpc.aio channel to `settings.grpc_address()`, op
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -22,7 +24,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from genrpc.bridge import dashscope, openai_api, playground
+from genrpc.bridge import dashscope, openai_api, playground, responses_sse
 from genrpc.bridge.encoding import dumps
 from genrpc.bridge.errors import http_error
 from genrpc.bridge.health import ServiceReadiness
@@ -32,6 +34,12 @@ from genrpc.v1 import generation_service_pb2_grpc
 log = logging.getLogger("genrpc.bridge")
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+# Per-call balancing over every address of the target (several with `dns:///a-headless-service:50051` or
+# `ipv4:a:1,b:2`), skipping replicas whose grpc.health.v1 status is NOT_SERVING (loading, draining); with one
+# address it behaves as the default pick_first. docs/deployment.md, "Scaling out".
+CHANNEL_SERVICE_CONFIG = json.dumps({"loadBalancingConfig": [{"round_robin": {}}],
+                                     "healthCheckConfig": {"serviceName": "genrpc.v1.GenerationService"}})
 
 
 class Upstream:
@@ -43,6 +51,7 @@ class Upstream:
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.keepalive_time_ms", 30_000),
             ("grpc.keepalive_permit_without_calls", 0),
+            ("grpc.service_config", CHANNEL_SERVICE_CONFIG),
         ])
         self.stub = generation_service_pb2_grpc.GenerationServiceStub(self.channel)
         self.readiness = ServiceReadiness(self.channel, target)
@@ -99,7 +108,9 @@ def create_app(settings: Settings) -> Starlette:
     routes = [
         Route("/health", health, methods=["GET"]),
         Route("/health/ready", health_ready, methods=["GET"]),
-        *(Route(path, openai_api.handle, methods=["POST"]) for path in openai_api.ENDPOINTS),
+        *(Route(path, openai_api.endpoint_handler(endpoint), methods=["POST"])
+          for path, endpoint in openai_api.ENDPOINTS.items()),
+        Route(responses_sse.PATH, openai_api.endpoint_handler(responses_sse.ENDPOINT), methods=["POST"]),
         Route(dashscope.TEXT_GENERATION_PATH, dashscope.text_generation, methods=["POST"]),
         Route(dashscope.PREFIX + "{rest:path}", dashscope.unknown_api,
               methods=["GET", "POST", "PUT", "DELETE", "PATCH"]),

@@ -1,4 +1,5 @@
-"""The OpenAI routes: `POST /v1/chat/completions` and `POST /v1/completions`, stream and non-stream.
+"""The OpenAI routes: `POST /v1/chat/completions` and `POST /v1/completions`, stream and non-stream (and the
+route handler `POST /v1/responses` shares, with its own renderer: bridge/responses_sse.py).
 
 - The body is parsed once (`json.loads`, then `json_format.ParseDict(..., ignore_unknown_fields=True)`): the
   same semantics as Envoy's transcoder (unknown fields dropped, declared fields type-checked).
@@ -18,6 +19,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,7 +31,7 @@ from starlette.responses import Response
 
 from genrpc.bridge.encoding import align_with_transcoder, dumps, loads_object, message_to_dict, quote
 from genrpc.bridge.errors import OpenAIError, from_rpc_error, http_error
-from genrpc.bridge.stream import DISCONNECTED, SSEResponse, call_options, first_message
+from genrpc.bridge.stream import DISCONNECTED, Renderer, SSEResponse, call_options, first_message
 from genrpc.v1 import chat_pb2, completion_pb2
 
 SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"),
@@ -170,19 +172,26 @@ class ChunkRenderer:
 
 @dataclass(frozen=True)
 class Endpoint:
+    """A POST route on a pair of RPCs: `stream_rpc` for `"stream": true`, else `unary_rpc`."""
+
     request_cls: type[Message]
-    chat: bool
+    stream_rpc: str
+    unary_rpc: str
+    renderer: Callable[[Message], Renderer]  # the SSE renderer for a stream request
+    unary_json: Callable[[Message], dict[str, Any]] = message_to_dict  # the unary reply's JSON body
 
-    def stream_method(self, stub: Any) -> Any:
-        return stub.Chat if self.chat else stub.Generate
 
-    def unary_method(self, stub: Any) -> Any:
-        return stub.CreateChatCompletion if self.chat else stub.CreateCompletion
+def _chunk_renderer(chat: bool) -> Callable[[Message], ChunkRenderer]:
+    def make(req: Message) -> ChunkRenderer:
+        return ChunkRenderer(chat, req.HasField("stream_options") and req.stream_options.include_usage)
+    return make
 
 
 ENDPOINTS = {
-    "/v1/chat/completions": Endpoint(chat_pb2.ChatCompletionRequest, chat=True),
-    "/v1/completions": Endpoint(completion_pb2.CompletionRequest, chat=False),
+    "/v1/chat/completions": Endpoint(chat_pb2.ChatCompletionRequest, "Chat", "CreateChatCompletion",
+                                     _chunk_renderer(chat=True)),
+    "/v1/completions": Endpoint(completion_pb2.CompletionRequest, "Generate", "CreateCompletion",
+                                _chunk_renderer(chat=False)),
 }
 
 
@@ -192,32 +201,34 @@ def error_response(err: OpenAIError) -> Response:
     return Response(err.json_bytes(), status_code=err.status, media_type="application/json", headers=headers)
 
 
-async def handle(request: Request) -> Response | SSEResponse:
-    """POST /v1/chat/completions and /v1/completions."""
-    endpoint = ENDPOINTS[request.url.path]
-    try:
-        body = loads_object(await request.body())
-    except ValueError as e:
-        return error_response(http_error(400, f"We could not parse the JSON body of your request: {e}."))
-    try:
-        body = align_with_transcoder(body, endpoint.request_cls.DESCRIPTOR)
-        req = json_format.ParseDict(body, endpoint.request_cls(), ignore_unknown_fields=True)
-    except (json_format.ParseError, ValueError, TypeError, RecursionError) as e:
-        return error_response(http_error(400, f"Invalid request body: {e}"))
-    metadata, timeout = call_options(request.headers)
-    stub = request.app.state.upstream.stub
-    if not req.stream:
+def endpoint_handler(endpoint: Endpoint) -> Callable[[Request], Awaitable[Response | SSEResponse]]:
+    """The route handler of `endpoint` (OpenAI's error bodies, the stream core for `"stream": true`)."""
+
+    async def handle(request: Request) -> Response | SSEResponse:
         try:
-            resp = await endpoint.unary_method(stub)(req, metadata=metadata, timeout=timeout)
+            body = loads_object(await request.body())
+        except ValueError as e:
+            return error_response(http_error(400, f"We could not parse the JSON body of your request: {e}."))
+        try:
+            body = align_with_transcoder(body, endpoint.request_cls.DESCRIPTOR)
+            req = json_format.ParseDict(body, endpoint.request_cls(), ignore_unknown_fields=True)
+        except (json_format.ParseError, ValueError, TypeError, RecursionError) as e:
+            return error_response(http_error(400, f"Invalid request body: {e}"))
+        metadata, timeout = call_options(request.headers)
+        stub = request.app.state.upstream.stub
+        if not req.stream:
+            try:
+                resp = await getattr(stub, endpoint.unary_rpc)(req, metadata=metadata, timeout=timeout)
+            except grpc.aio.AioRpcError as e:
+                return error_response(from_rpc_error(e))
+            return Response(dumps(endpoint.unary_json(resp)), media_type="application/json")
+        call = getattr(stub, endpoint.stream_rpc)(req, metadata=metadata, timeout=timeout)
+        try:
+            iterator, first = await first_message(call, request.receive)
         except grpc.aio.AioRpcError as e:
             return error_response(from_rpc_error(e))
-        return Response(dumps(message_to_dict(resp)), media_type="application/json")
-    call = endpoint.stream_method(stub)(req, metadata=metadata, timeout=timeout)
-    try:
-        iterator, first = await first_message(call, request.receive)
-    except grpc.aio.AioRpcError as e:
-        return error_response(from_rpc_error(e))
-    if first is DISCONNECTED:
-        return Response(status_code=499)  # nobody is listening any more
-    include_usage = req.HasField("stream_options") and req.stream_options.include_usage
-    return SSEResponse(call, iterator, first, ChunkRenderer(endpoint.chat, include_usage))
+        if first is DISCONNECTED:
+            return Response(status_code=499)  # nobody is listening any more
+        return SSEResponse(call, iterator, first, endpoint.renderer(req))
+
+    return handle

@@ -40,7 +40,7 @@ def reuse_port_socket(host: str, port: int) -> socket.socket:
 async def serve(settings: Settings) -> None:
     """Serves the bridge until stopped (SIGINT/SIGTERM, or the task being cancelled)."""
     server = make_server(settings)
-    if settings.reuse_port:
+    if settings.worker_of:  # one of --bridge-workers: the port is shared
         await server.serve(sockets=[reuse_port_socket(settings.host, settings.bridge_port)])
     else:
         await server.serve()

@@ -25,8 +25,8 @@ from starlette.types import Receive, Scope, Send
 log = logging.getLogger("genrpc.bridge")
 
 # Request headers forwarded to the service as gRPC metadata (lower case).
-FORWARDED_HEADERS = ("x-request-id", "x-client-id", "traceparent", "tracestate", "openai-organization",
-                     "openai-project")
+FORWARDED_HEADERS = ("x-request-id", "x-client-id", "x-genrpc-affinity", "traceparent", "tracestate",
+                     "openai-organization", "openai-project")
 # The request's deadline in milliseconds (Envoy sets it when the route has a timeout).
 DEADLINE_HEADER_MS = "x-envoy-expected-rq-timeout-ms"
 

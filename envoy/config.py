@@ -26,7 +26,11 @@ from genrpc.error_table import (DASHSCOPE_HTTP_CODES, GRPC_ERROR_MAP, HTTP_ERROR
 TEMPLATE = "envoy.yaml.j2"
 SERVICE_NAME = "genrpc.v1.GenerationService"
 ADMIN_HOST = "127.0.0.1"
-GRPC_CLUSTER = "genrpc_service"
+GRPC_CLUSTER = "genrpc_service"  # LEAST_REQUEST over the replicas: requests without an affinity key
+AFFINITY_CLUSTER = "genrpc_service_affinity"  # MAGLEV (consistent hashing) on AFFINITY_HEADER, same replicas
+AFFINITY_HEADER = "x-genrpc-affinity"
+HEALTH_SERVICE = SERVICE_NAME  # grpc.health.v1 service name Envoy checks (NOT_SERVING while loading or draining)
+DEFAULT_HEALTH_CHECK_INTERVAL_S = 2.0
 BRIDGE_CLUSTER = "genrpc_bridge"
 METADATA_NAMESPACE = "genrpc"
 TRANSCODER = "envoy.filters.http.grpc_json_transcoder"
@@ -68,13 +72,42 @@ def _environment() -> jinja2.Environment:
     return env
 
 
-def _cluster(name: str, host: str, port: int, *, http2: bool) -> dict[str, Any]:
+def _is_ip(host: str) -> bool:
     try:
         ipaddress.ip_address(host)
-        discovery = "STATIC"
+        return True
     except ValueError:
-        discovery = "STRICT_DNS"  # e.g. a Kubernetes Service name
-    return {"name": name, "host": host, "port": int(port), "discovery": discovery, "http2": http2}
+        return False
+
+
+def _cluster(name: str, endpoints: list[tuple[str, int]], *, http2: bool, lb_policy: str = "LEAST_REQUEST",
+             health_checked: bool = False) -> dict[str, Any]:
+    # STRICT_DNS keeps every address a name resolves to: a Kubernetes headless Service yields one endpoint per
+    # ready pod (a ClusterIP Service would yield its one virtual IP)
+    discovery = "STATIC" if all(_is_ip(host) for host, _ in endpoints) else "STRICT_DNS"
+    return {"name": name, "endpoints": [(host, int(port)) for host, port in endpoints], "discovery": discovery,
+            "http2": http2, "lb_policy": lb_policy, "health_checked": health_checked}
+
+
+def parse_upstreams(text: str) -> list[tuple[str, int]]:
+    """`host:port,host:port` (the --grpc-upstreams setting) -> [(host, port)]; IPv6 as [addr]:port."""
+    upstreams = []
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        match = re.fullmatch(r"\[([0-9a-fA-F:.]+)\]:(\d+)|([^\s:\[\]]+):(\d+)", item)
+        if not match:
+            raise ValueError(f"gRPC upstream {item!r}: expected host:port")
+        host, port = (match[1], match[2]) if match[1] else (match[3], match[4])
+        if not 0 < int(port) < 65536:
+            raise ValueError(f"gRPC upstream {item!r}: port out of range")
+        upstreams.append((host, int(port)))
+    return upstreams
+
+
+def _duration(seconds: float) -> str:
+    """A protobuf Duration as Envoy's YAML takes it ("1.5s")."""
+    return f"{seconds:.3f}".rstrip("0").rstrip(".") + "s"
 
 
 def _openai_type(status: int) -> str:
@@ -86,11 +119,19 @@ def render(*, listen_host: str, listen_port: int, admin_port: int, grpc_host: st
            max_request_bytes: int = DEFAULT_LIMITS["max_request_bytes"],
            unary_timeout_s: int = DEFAULT_LIMITS["unary_timeout_s"],
            stream_idle_timeout_s: int = DEFAULT_LIMITS["stream_idle_timeout_s"], api_keys: dict[str, str] | None = None,
-           cors_allowed_origins: list[str] | tuple[str, ...] | None = None, rate_limit_rps: int = 0) -> str:
+           cors_allowed_origins: list[str] | tuple[str, ...] | None = None, rate_limit_rps: int = 0,
+           grpc_upstreams: list[tuple[str, int]] | None = None,
+           health_check_interval_s: float = DEFAULT_HEALTH_CHECK_INTERVAL_S) -> str:
     """Envoy's bootstrap YAML. max_request_bytes: request body limit (413 beyond); unary_timeout_s: transcoded
     unary calls; api_keys: {key: client id}, enables Bearer-key auth (None = no auth); cors_allowed_origins: exact
     origins such as "https://app.example.com", enables CORS (empty = none); rate_limit_rps: local token bucket per
-    Envoy process, burst = rps (0 = off)."""
+    Envoy process, burst = rps (0 = off); grpc_upstreams: the service replicas [(host, port)], each host an IP
+    or a DNS name whose every address is a replica (a headless Service), default [(grpc_host, grpc_port)];
+    health_check_interval_s: how often Envoy asks each replica's grpc.health.v1 (a NOT_SERVING replica gets no
+    new request after at most two intervals)."""
+    if health_check_interval_s <= 0:
+        raise ValueError(f"health_check_interval_s must be > 0, got {health_check_interval_s}")
+    upstreams = list(grpc_upstreams or [(grpc_host, grpc_port)])
     if rate_limit_rps < 0:
         raise ValueError(f"rate_limit_rps must be >= 0 (0 = off), got {rate_limit_rps}")
     origins = [o.strip() for o in (cors_allowed_origins or []) if o.strip()]
@@ -100,9 +141,13 @@ def render(*, listen_host: str, listen_port: int, admin_port: int, grpc_host: st
     local_statuses = sorted(set(HTTP_ERROR_TYPES) | set(HTTP_ERROR_CODES))
     return _environment().get_template(TEMPLATE).render(
         admin_host=ADMIN_HOST, admin_port=int(admin_port), listen_host=listen_host, listen_port=int(listen_port),
-        clusters=[_cluster(GRPC_CLUSTER, grpc_host, grpc_port, http2=True),
-                  _cluster(BRIDGE_CLUSTER, bridge_host, bridge_port, http2=False)],
-        grpc_cluster=GRPC_CLUSTER, bridge_cluster=BRIDGE_CLUSTER, descriptor_path=str(descriptor_path),
+        clusters=[_cluster(GRPC_CLUSTER, upstreams, http2=True, health_checked=True),
+                  _cluster(AFFINITY_CLUSTER, upstreams, http2=True, lb_policy="MAGLEV", health_checked=True),
+                  _cluster(BRIDGE_CLUSTER, [(bridge_host, bridge_port)], http2=False, lb_policy="ROUND_ROBIN")],
+        grpc_cluster=GRPC_CLUSTER, affinity_cluster=AFFINITY_CLUSTER, affinity_header=AFFINITY_HEADER,
+        bridge_cluster=BRIDGE_CLUSTER, health_service=HEALTH_SERVICE,
+        health_check_interval_s=_duration(health_check_interval_s),
+        health_check_timeout_s=_duration(min(health_check_interval_s, 5.0)), descriptor_path=str(descriptor_path),
         service_name=SERVICE_NAME, transcoder_name=TRANSCODER, metadata_namespace=METADATA_NAMESPACE,
         max_request_bytes=int(max_request_bytes), max_response_bytes=MAX_RESPONSE_BYTES,
         too_large_message=f"The request body is larger than {int(max_request_bytes)} bytes (limit max_request_bytes).",

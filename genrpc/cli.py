@@ -28,51 +28,83 @@ def cmd_serve(settings: Settings, _: argparse.Namespace) -> int:
     from genrpc.service.server import serve
 
     _logging(settings)
-    if settings.service_workers > 1:
+    if settings.sglang_engine_host:
+        from genrpc.service.server import host_sglang_engine
+
+        asyncio.run(host_sglang_engine(settings))
+        return 0
+    if settings.service_workers > 1 and not settings.worker_of:
         if settings.grpc_port == 0:
             logging.error("--service-workers > 1 needs a fixed --grpc-port (port 0 would give each worker its own)")
             return 2
-        if settings.engine == "sglang":
-            logging.error("--service-workers > 1 would start one SGLang engine per worker on the same GPUs")
-            return 2
-        from genrpc import processes
-
-        # Worker i serves metrics on --metrics-port + i (when a fixed port is set).
-        return _run_workers(settings, "serve", settings.service_workers, "GENRPC_SERVICE_WORKERS",
-                            lambda i: {"GENRPC_METRICS_PORT": str(settings.metrics_port + i
-                                                                  if settings.metrics_port > 0
-                                                                  else settings.metrics_port)},
-                            lambda: processes.grpc_serving(settings.grpc_address())(), MODEL_LOAD_TIMEOUT_S)
+        return _serve_workers(settings)
     asyncio.run(serve(settings))
     return 0
+
+
+def _serve_workers(settings: Settings) -> int:
+    """N service workers on one port. CPU engines: one engine per worker. SGLang: one engine for the GPUs, held by
+    an engine-host process started first with N tokenizer workers; the N serving workers attach to it (SGLang's
+    `Engine.attach_tokenizer_worker`), as the HTTP workers of `sglang serve` do. Worker i serves metrics on
+    --metrics-port + i (when a fixed port is set)."""
+    from genrpc import processes
+    from genrpc.supervisor import ChildSpec, Supervisor
+
+    def metrics_env(i: int) -> dict[str, str]:
+        return {"GENRPC_METRICS_PORT": str(settings.metrics_port + i if settings.metrics_port > 0
+                                           else settings.metrics_port)}
+
+    if settings.engine != "sglang":
+        return _run_workers(settings, "serve", settings.service_workers, metrics_env,
+                            processes.grpc_serving(settings.grpc_address()), MODEL_LOAD_TIMEOUT_S)
+
+    def engine_host(supervisor: Supervisor) -> ChildSpec:
+        # Ready once SGLang's hand-over to attaching workers exists: the host's args in shared memory.
+        return ChildSpec("sglang-engine", lambda: [sys.executable, "-m", "genrpc.cli", "serve"],
+                         lambda: os.path.exists(f"/dev/shm/multi_tokenizer_args_{supervisor.pid('sglang-engine')}"),
+                         MODEL_LOAD_TIMEOUT_S,
+                         {**settings_env(settings), "GENRPC_WORKER_OF": str(os.getpid()),
+                          "GENRPC_SGLANG_ENGINE_HOST": "true", "GENRPC_METRICS_PORT": "-1"},
+                         stop_timeout_s=settings.shutdown_grace_s + 60, stop_last=True)
+
+    return _run_workers(settings, "serve", settings.service_workers, metrics_env,
+                        processes.grpc_serving(settings.grpc_address()), MODEL_LOAD_TIMEOUT_S,
+                        lambda i, supervisor: ["--sglang-attach-pid", str(supervisor.pid("sglang-engine"))],
+                        first=engine_host)
 
 
 def cmd_bridge(settings: Settings, _: argparse.Namespace) -> int:
     from genrpc.bridge.server import serve
 
     _logging(settings)
-    if settings.bridge_workers > 1:
+    if settings.bridge_workers > 1 and not settings.worker_of:
         from genrpc import processes
 
-        return _run_workers(settings, "bridge", settings.bridge_workers, "GENRPC_BRIDGE_WORKERS",
-                            lambda i: {"GENRPC_REUSE_PORT": "true"},
+        return _run_workers(settings, "bridge", settings.bridge_workers, lambda i: {},
                             processes.http_ok(f"http://{settings.host}:{settings.bridge_port}/health"), 60)
     asyncio.run(serve(settings))
     return 0
 
 
-def _run_workers(settings: Settings, command: str, count: int, count_env: str,
-                 env_for: Callable[[int], dict[str, str]], ready: Callable[[], bool], ready_timeout_s: float) -> int:
+def _run_workers(settings: Settings, command: str, count: int, env_for: Callable[[int], dict[str, str]],
+                 ready: Callable[[], bool], ready_timeout_s: float,
+                 argv_for: Callable[[int, Any], list[str]] = lambda i, supervisor: [],
+                 first: Callable[[Any], Any] | None = None) -> int:
     """N processes of one command sharing its port (SO_REUSEPORT), so per-token Python work is not bound to one
-    GIL. This process only supervises them (genrpc.supervisor: a crashed worker is restarted; SIGTERM drains
-    them all at once). A worker's readiness is the shared port's, so each waits for any worker to answer."""
+    GIL. This process only supervises them (genrpc.supervisor: started one after the other, a crashed worker is
+    restarted, SIGTERM drains them all at once). A worker's readiness is its port's, which the first worker
+    decides alone. `first(supervisor)` gives a child to start before the workers and stop after them."""
     from genrpc.supervisor import ChildSpec, Supervisor
 
-    env = {**settings_env(settings), count_env: "1"}
+    env = {**settings_env(settings), "GENRPC_WORKER_OF": str(os.getpid())}
     argv = [sys.executable, "-m", "genrpc.cli", command]
-    specs = [ChildSpec(f"{command}-{i}", lambda: argv, ready, ready_timeout_s, {**env, **env_for(i)},
-                       stop_timeout_s=settings.shutdown_grace_s + 5) for i in range(count)]
-    return Supervisor(specs, stop_together=True).run()
+    supervisor = Supervisor([], stop_together=True)
+    if first is not None:
+        supervisor.add(first(supervisor))
+    for i in range(count):
+        supervisor.add(ChildSpec(f"{command}-{i}", lambda i=i: [*argv, *argv_for(i, supervisor)], ready,
+                                 ready_timeout_s, {**env, **env_for(i)}, stop_timeout_s=settings.shutdown_grace_s + 5))
+    return supervisor.run()
 
 
 def settings_env(settings: Settings) -> dict[str, str]:
@@ -130,7 +162,8 @@ def envoy_yaml(settings: Settings, *, listen_host: str | None = None, grpc_host:
                bridge_host: str | None = None, descriptor: str | pathlib.Path | None = None, **options: Any) -> str:
     """Envoy's config for `settings`, the one path from settings to `genrpc.envoy.config.render` (used by
     `genrpc up` and `genrpc envoy-config`). Hosts default to --host; `--api-keys-file` turns on Bearer-key auth,
-    `--cors-allowed-origins` CORS and `--rate-limit-rps` the rate limit. `options`: render's optional limits
+    `--cors-allowed-origins` CORS, `--rate-limit-rps` the rate limit; `--grpc-upstreams` lists the service
+    replicas (default: the one at grpc_host:grpc_port). `options`: render's optional limits
     (unary_timeout_s, stream_idle_timeout_s). The descriptor defaults to the installed one."""
     from genrpc.envoy import config as envoy_config
 
@@ -141,11 +174,14 @@ def envoy_yaml(settings: Settings, *, listen_host: str | None = None, grpc_host:
         bridge_host=bridge_host or settings.host, bridge_port=settings.bridge_port,
         descriptor_path=str(descriptor or envoy_config.descriptor_path()), api_keys=api_keys,
         cors_allowed_origins=settings.cors_origins(), rate_limit_rps=settings.rate_limit_rps,
-        max_request_bytes=settings.max_request_bytes, **options)
+        max_request_bytes=settings.max_request_bytes,
+        grpc_upstreams=envoy_config.parse_upstreams(settings.grpc_upstreams) or None,
+        health_check_interval_s=settings.envoy_health_check_interval_s, **options)
 
 
 ENVOY_SETTINGS = ["host", "grpc_port", "bridge_port", "envoy_port", "envoy_admin_port", "api_keys_file",
-                  "cors_allowed_origins", "rate_limit_rps", "max_request_bytes"]
+                  "cors_allowed_origins", "rate_limit_rps", "grpc_upstreams", "envoy_health_check_interval_s",
+                  "max_request_bytes"]
 
 
 def cmd_envoy_config(settings: Settings, args: argparse.Namespace) -> int:
@@ -194,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     settings_module.add_arguments(envoy, ENVOY_SETTINGS)
     envoy.add_argument("--listen-host", default=None, help="address Envoy's listener binds (default: --host)")
     envoy.add_argument("--grpc-host", default=None, help="host of the gRPC service, an IP or a DNS name such as a "
-                                                         "Kubernetes Service (default: --host)")
+                                                         "Kubernetes Service (default: --host); ignored when "
+                                                         "--grpc-upstreams lists the replicas")
     envoy.add_argument("--bridge-host", default=None, help="host of the SSE bridge (default: --host)")
     envoy.add_argument("--descriptor", default=None,
                        help="path of the proto descriptor set as Envoy will see it (not read here) "

@@ -38,6 +38,12 @@ class Settings(BaseSettings):
     cors_allowed_origins: str = Field("", description="browser origins allowed by Envoy's CORS policy, comma-separated "
                                                       "exact origins such as https://app.example.com "
                                                       "(empty = no CORS)")
+    grpc_upstreams: str = Field("", description="service replicas Envoy balances across, comma-separated host:port; "
+                                                "a host may be a DNS name with one address per replica (a "
+                                                "Kubernetes headless Service) (default: host:grpc_port)")
+    envoy_health_check_interval_s: float = Field(2.0, description="how often Envoy checks each replica's "
+                                                                  "grpc.health.v1 status (a NOT_SERVING replica gets "
+                                                                  "no new requests within two intervals)")
     rate_limit_rps: int = Field(0, description="Envoy rate limit: requests per second per Envoy process, burst the "
                                                "same; beyond it REST gets 429, gRPC RESOURCE_EXHAUSTED (0 = off)")
 
@@ -58,6 +64,8 @@ class Settings(BaseSettings):
     torch_threads: int = Field(0, description="torch intra-op threads for the reference engine (0 = all cores)")
     reference_batch_invariant: bool = Field(True, description="reference engine: bit-identical results alone or batched "
                                       "(costs ~1.6x single-stream speed)")
+    responses_retention_s: float = Field(30 * 24 * 3600, gt=0, description="seconds the Responses API keeps a "
+                                         "stored response (SQLite file under cache_dir, one per replica)")
     default_max_tokens: int = Field(0, description="chat max tokens when a request sets none (0 = "
                                                    "max_tokens_limit, or the rest of the context if that is 0)")
 
@@ -94,14 +102,18 @@ class Settings(BaseSettings):
                                                    'e.g. {"attention_backend": "fa3"}')
 
     service_workers: int = Field(1, ge=1, description="gRPC service processes sharing --grpc-port (SO_REUSEPORT), "
-                                                      "each with its own engine, so per-token Python work is not "
-                                                      "bound to one GIL. The kernel spreads connections, not "
-                                                      "streams. Needs a fixed port; not for sglang (one engine "
-                                                      "owns the GPUs)")
+                                                      "so per-token Python work is not bound to one GIL; the kernel "
+                                                      "spreads connections, not streams. Needs a fixed port. CPU "
+                                                      "engines: one engine per worker; sglang: worker 0 builds the "
+                                                      "engine, the others attach as its tokenizer workers")
+    worker_of: int = Field(0, description="set for a worker process by the process supervising --service-workers or "
+                                          "--bridge-workers (its pid): the worker serves instead of supervising")
+    sglang_attach_pid: int = Field(0, description="SGLang: attach to the engine held by this process (set for the "
+                                                  "serving workers of --service-workers N)")
+    sglang_engine_host: bool = Field(False, description="SGLang: only build and hold the engine for the serving "
+                                                        "workers of --service-workers N (set by the supervisor)")
     bridge_workers: int = Field(1, ge=1, description="SSE bridge processes sharing --bridge-port (SO_REUSEPORT); "
                                                      "the kernel spreads Envoy's connections over them")
-    reuse_port: bool = Field(False, description="bind the bridge's port with SO_REUSEPORT, shared with other "
-                                                "processes (set for the workers of --bridge-workers)")
 
     # --- operations ---
     log_level: str = Field("info", description="log level: debug, info, warning, error")

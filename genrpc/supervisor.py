@@ -36,6 +36,7 @@ class ChildSpec:
     ready_timeout_s: float
     env: dict[str, str] = field(default_factory=dict)
     stop_timeout_s: float = 10.0
+    stop_last: bool = False  # stopped after every other child (an engine host outlives the workers it serves)
 
 
 @dataclass
@@ -55,10 +56,19 @@ class Supervisor:
         self._on_ready = on_ready
         self._stop_together = stop_together  # workers of one kind drain at the same time, not one by one
         self._running: dict[str, _Running] = {}
+        self._pids: dict[str, int] = {}
         self._stopping = threading.Event()
+
+    def add(self, spec: ChildSpec) -> None:
+        self._specs.append(spec)
+
+    def pid(self, name: str) -> int:
+        """The pid of a child, also while it starts (SGLang's serving workers attach to the engine host's)."""
+        return self._pids[name]
 
     def _start(self, spec: ChildSpec) -> processes.Child:
         child = processes.spawn(spec.name, spec.argv(), env=spec.env)
+        self._pids[spec.name] = child.process.pid
         processes.wait_until(spec.ready, child, spec.ready_timeout_s, "ready", stop=self._stopping)
         return child
 
@@ -97,17 +107,21 @@ class Supervisor:
         log.info("%s is back (restarted after %.1f s)", spec.name, delay)
 
     def stop(self) -> None:
-        """Drains from the back: the first child started stops first, the front door last."""
+        """Drains from the back: the first child started stops first, the front door last; `stop_last` children
+        (an engine host) after all the others."""
         self._stopping.set()
-        if self._stop_together:
-            for running in self._running.values():
-                if running.child.alive():
-                    running.child.process.send_signal(signal.SIGTERM)
-        for spec in self._specs:
-            running = self._running.get(spec.name)
-            if running is not None:
-                log.info("stopping %s", spec.name)
-                running.child.stop(timeout_s=spec.stop_timeout_s)
+        for group in ([spec for spec in self._specs if not spec.stop_last],
+                      [spec for spec in self._specs if spec.stop_last]):
+            if self._stop_together:
+                for spec in group:
+                    running = self._running.get(spec.name)
+                    if running is not None and running.child.alive():
+                        running.child.process.send_signal(signal.SIGTERM)
+            for spec in group:
+                running = self._running.get(spec.name)
+                if running is not None:
+                    log.info("stopping %s", spec.name)
+                    running.child.stop(timeout_s=spec.stop_timeout_s)
 
     def run(self) -> int:
         """start() + watch() until SIGTERM/SIGINT, then stop(). Returns the exit code for `genrpc up`."""

@@ -32,7 +32,7 @@ DESCRIPTOR_SOURCE = ROOT / "envoy" / "genrpc.pb"
 
 # In-cluster addresses: the Service names in k8s/base, the mount path of the descriptor ConfigMap in the Envoy
 # container, and the keys file of the mounted Secret in the init container.
-SERVICE_HOST = "genrpc-service"
+SERVICE_PODS_HOST = "genrpc-service-pods"  # headless: Envoy's and the bridge's upstreams are the pods themselves
 BRIDGE_HOST = "genrpc-bridge"
 DESCRIPTOR_MOUNT = "/etc/envoy/descriptor/genrpc.pb"
 API_KEYS_FILE = "/etc/genrpc/api-keys/keys"

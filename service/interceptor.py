@@ -128,10 +128,17 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             raise exc
         if not isinstance(exc, Exception):  # KeyboardInterrupt, SystemExit
             raise exc
-        error = to_service_error(exc)
+        error = reported_error(method, exc)
         outcome["code"] = error.code
-        if error.code == grpc.StatusCode.INTERNAL:
-            log.error("%s failed", method, exc_info=exc)
-        elif not isinstance(exc, ServiceError):
-            log.info("%s: %s: %s", method, error.code.name, error.message)
         await abort(context, error)
+
+
+def reported_error(method: str, exc: Exception) -> ServiceError:
+    """The ServiceError a client sees for `exc`, logged as every RPC failure is (a traceback for INTERNAL). Also
+    for a failure a stream reports as a message of its own (the Responses API's `error` event)."""
+    error = to_service_error(exc)
+    if error.code == grpc.StatusCode.INTERNAL:
+        log.error("%s failed", method, exc_info=exc)
+    elif not isinstance(exc, ServiceError):
+        log.info("%s: %s: %s", method, error.code.name, error.message)
+    return error

@@ -17,12 +17,14 @@ from genrpc.service.engines.base import Engine, ExportsMetrics
 from genrpc.service.engines.factory import build_engine
 from genrpc.service.interceptor import ServiceInterceptor
 from genrpc.service.metrics import ServiceMetrics
+from genrpc.service.response_store import ResponseStore
 from genrpc.service.servicer import GenerationServicer
 
 log = logging.getLogger("genrpc.service")
 SERVICE_NAME = generation_service_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name
 _MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # long prompts
 _MIN_PING_INTERVAL_MS = 20_000  # below Envoy's 30 s keepalive interval
+_MAX_CONNECTION_AGE_MS = 5 * 60 * 1000
 
 
 class GenrpcServer:
@@ -35,10 +37,12 @@ class GenrpcServer:
         if isinstance(engine, ExportsMetrics) and settings.metrics_port >= 0:
             for collector in engine.prometheus_collectors():  # the runtime's own metrics beside genrpc's
                 self.metrics.registry.register(collector)
+        self.response_store = ResponseStore(settings.cache_dir / "responses.sqlite3", settings.responses_retention_s)
         self.servicer = GenerationServicer(engine, self.metrics, default_max_tokens=settings.default_max_tokens,
                                            limits=settings.limits(),
                                            capacity=settings.max_batch_size + settings.max_queue,
-                                           stream_interval=settings.stream_interval)
+                                           stream_interval=settings.stream_interval,
+                                           response_store=self.response_store)
         self.health = health.aio.HealthServicer()
         self.grpc_server = grpc.aio.server(
             interceptors=[ServiceInterceptor(self.metrics, (SERVICE_NAME,))],
@@ -48,7 +52,13 @@ class GenrpcServer:
                      # while the server sends nothing, so a unary call generating for over ~90 s, or an idle
                      # connection, got GOAWAY "too_many_pings" (a 503 to REST clients).
                      ("grpc.http2.min_ping_interval_without_data_ms", _MIN_PING_INTERVAL_MS),
-                     ("grpc.keepalive_permit_without_calls", 1)])
+                     ("grpc.keepalive_permit_without_calls", 1),
+                     # clients reconnect every few minutes (running streams finish first), so a gRPC client
+                     # balancing over a DNS name (the bridge: dns:///genrpc-service-pods) re-resolves it and finds
+                     # replicas added since
+                     ("grpc.max_connection_age_ms", _MAX_CONNECTION_AGE_MS),
+                     # only --service-workers share a port; a second service started by mistake must fail to bind
+                     ("grpc.so_reuseport", 1 if settings.worker_of else 0)])
         generation_service_pb2_grpc.add_GenerationServiceServicer_to_server(self.servicer, self.grpc_server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
         reflection.enable_server_reflection(
@@ -82,6 +92,7 @@ class GenrpcServer:
         await self.health.enter_graceful_shutdown()
         await self.grpc_server.stop(self.settings.shutdown_grace_s if grace_s is None else grace_s)
         await self.engine.shutdown()
+        self.response_store.close()
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()
@@ -110,3 +121,20 @@ async def serve(settings: Settings) -> None:
         starting.cancel()
     log.info("draining (up to %.0f s)", settings.shutdown_grace_s)
     await server.stop()
+
+
+async def host_sglang_engine(settings: Settings) -> None:
+    """`genrpc serve` as the SGLang engine host of `--service-workers N` (see SGLangEngine.host): builds the engine
+    with N tokenizer workers, then waits for SIGINT/SIGTERM and shuts it down. The N serving workers attach to it."""
+    from genrpc.service.engines.factory import sglang_config
+    from genrpc.service.engines.sglang_engine import SGLangEngine
+
+    engine = SGLangEngine(sglang_config(settings))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    engine.host()  # on the loop's thread, as SGLang needs (see sglang_engine's module docstring)
+    log.info("SGLang engine hosted for %d service workers", settings.service_workers)
+    await stop.wait()
+    await engine.shutdown()

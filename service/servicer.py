@@ -23,6 +23,8 @@ from genrpc.service.errors import ContextLengthExceeded, InvalidArgument, ModelN
 from genrpc.service.metrics import ServiceMetrics
 from genrpc.service.prompts import fit_messages_to_budget, message_images, render_chat
 from genrpc.service.responses import NULL, string_value
+from genrpc.service.responses_api import ResponsesMixin
+from genrpc.service.response_store import ResponseStore
 
 # With `truncation: auto` and no max_tokens, keep at least this much room for the answer.
 TRUNCATION_MIN_COMPLETION_TOKENS = 256
@@ -53,13 +55,14 @@ class _Prepared:
     dropped_messages: int = 0
 
 
-class GenerationServicer(generation_service_pb2_grpc.GenerationServiceServicer):
+class GenerationServicer(ResponsesMixin, generation_service_pb2_grpc.GenerationServiceServicer):
     """`capacity` (batch slots + queue) bounds the choices admitted at once: a request beyond it is refused with
     RESOURCE_EXHAUSTED before any parsing or templating (0 = no admission control, the engine's queue decides)."""
 
     def __init__(self, engine: Engine, metrics: ServiceMetrics, *, default_max_tokens: int = 0,
                  limits: validation.Limits = validation.DEFAULT_LIMITS, capacity: int = 0,
-                 stream_interval: int = 0):
+                 stream_interval: int = 0, response_store: ResponseStore | None = None):
+        self._response_store = response_store  # the Responses API's store (service/responses_api.py)
         self._engine = engine
         self._stream_interval = stream_interval  # server default; a request's stream_interval overrides it
         self._metrics = metrics

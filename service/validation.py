@@ -103,7 +103,8 @@ class CompletionJob:
     echo: bool = False
 
 
-def _to_python(message: Any) -> Any:
+def canonical_json(message: Any) -> Any:
+    """A request message as JSON with a deterministic key order (see `_canonical`)."""
     return _canonical(json_format.MessageToDict(message, preserving_proto_field_name=True))
 
 
@@ -375,7 +376,7 @@ def _tools(request: chat_pb2.ChatCompletionRequest) -> list[dict[str, Any]]:
             raise InvalidArgument(f"tools[{index}].type", f"'tools[{index}].type' must be 'function'.")
         if not tool.function.name:
             raise InvalidArgument(f"tools[{index}].function.name", f"'tools[{index}].function.name' is required.")
-        tools.append(_to_python(tool))
+        tools.append(canonical_json(tool))
     names = [t["function"]["name"] for t in tools]
     if len(set(names)) != len(names):
         raise InvalidArgument("tools", "'tools' holds two functions with the same name.")
@@ -402,7 +403,7 @@ def _tool_choice(request: chat_pb2.ChatCompletionRequest, tools: list[dict[str, 
 def _response_format(request: chat_pb2.ChatCompletionRequest) -> dict[str, Any] | None:
     if not _has(request, "response_format"):
         return None
-    response_format = _to_python(request.response_format)
+    response_format = canonical_json(request.response_format)
     kind = response_format.get("type", "")
     if kind not in ("", "text", "json_object", "json_schema"):
         raise InvalidArgument("response_format.type", "'response_format.type' must be 'text', 'json_object' or "

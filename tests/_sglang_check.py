@@ -51,6 +51,20 @@ def jsonable(value):
         return repr(value)
 
 
+def engine_method_params(method: str) -> list[str] | None:
+    """Parameters of `sglang.Engine.<method>`, read from SGLang's source with ast: the module itself does not import
+    here (it needs uvloop, zmq and the GPU stack)."""
+    import ast
+
+    path = pathlib.Path(importlib.util.find_spec("sglang").origin).parent / "srt" / "entrypoints" / "engine.py"
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ClassDef) and node.name == "Engine":
+            for item in node.body:
+                if isinstance(item, ast.FunctionDef) and item.name == method:
+                    return [a.arg for a in item.args.args + item.args.kwonlyargs]
+    return None
+
+
 def main() -> int:
     cases = json.load(sys.stdin)
     install_sglangs_triton_stub()
@@ -58,7 +72,8 @@ def main() -> int:
     from sglang.srt.sampling.sampling_params import SamplingParams
     from sglang.srt.server_args import ServerArgs
 
-    results = {"sglang_version": sglang.__version__}
+    results = {"sglang_version": sglang.__version__,
+               "engine_api": {m: engine_method_params(m) for m in cases.get("engine_methods", [])}}
     for case_id, case in cases.get("sampling", {}).items():
         try:
             sp = SamplingParams(**case["params"])

@@ -55,8 +55,10 @@ def render(overlay: str) -> list[dict[str, Any]]:
     return [doc for doc in yaml.safe_load_all(out.stdout) if doc]
 
 
-def find(docs: list[dict[str, Any]], kind: str, name_prefix: str) -> dict[str, Any]:
-    found = [d for d in docs if d["kind"] == kind and d["metadata"]["name"].startswith(name_prefix)]
+def find(docs: list[dict[str, Any]], kind: str, name_prefix: str, *, exact: bool = False) -> dict[str, Any]:
+    """The one `kind` named `name_prefix`* (generated ConfigMaps and Secrets get a hash suffix), or exactly it."""
+    found = [d for d in docs if d["kind"] == kind and (d["metadata"]["name"] == name_prefix if exact
+                                                        else d["metadata"]["name"].startswith(name_prefix))]
     assert len(found) == 1, f"expected one {kind} {name_prefix}*, found {[d['metadata']['name'] for d in found]}"
     return found[0]
 
@@ -176,8 +178,9 @@ def test_ports_agree_everywhere(overlay):
                         "metrics": Settings().metrics_port}
     cfg = envoy_config(docs)
     listener = cfg["static_resources"]["listeners"][0]["address"]["socket_address"]
-    clusters = {c["name"]: c["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
-                ["socket_address"] for c in cfg["static_resources"]["clusters"]}
+    clusters = {c["name"]: [e["endpoint"]["address"]["socket_address"]
+                            for e in c["load_assignment"]["endpoints"][0]["lb_endpoints"]]
+                for c in cfg["static_resources"]["clusters"]}
     assert cfg["admin"]["address"]["socket_address"]["port_value"] == defaults["envoy_admin"]
 
     envoy = container(find(docs, "Deployment", "genrpc-envoy"), "envoy")
@@ -187,23 +190,29 @@ def test_ports_agree_everywhere(overlay):
         == defaults["envoy"]
     assert service_port(envoy_svc, "http")["targetPort"] == "http"
 
-    svc = find(docs, "Service", "genrpc-service")
+    svc = find(docs, "Service", "genrpc-service", exact=True)
+    pods = find(docs, "Service", render_envoy.SERVICE_PODS_HOST, exact=True)
     service = container(find(docs, "Deployment", "genrpc-service"), "service")
-    grpc_cluster = clusters["genrpc_service"]
-    assert grpc_cluster["address"] == svc["metadata"]["name"]
-    assert grpc_cluster["port_value"] == service_port(svc, "grpc")["port"] == port_of(service, "grpc") \
-        == int(env_of(service)["GENRPC_GRPC_PORT"]) == defaults["grpc"]
+    # both service clusters (least-request and affinity) resolve the headless Service: one endpoint per pod
+    for name in ("genrpc_service", "genrpc_service_affinity"):
+        [grpc_cluster] = clusters[name]
+        assert grpc_cluster["address"] == pods["metadata"]["name"]
+        assert grpc_cluster["port_value"] == service_port(pods, "grpc")["port"] == service_port(svc, "grpc")["port"] \
+            == port_of(service, "grpc") == int(env_of(service)["GENRPC_GRPC_PORT"]) == defaults["grpc"]
+    assert service_port(pods, "grpc")["targetPort"] == "grpc"
     assert service_port(svc, "grpc")["targetPort"] == "grpc"
     assert service_port(svc, "metrics")["port"] == port_of(service, "metrics") \
         == int(env_of(service)["GENRPC_METRICS_PORT"]) == defaults["metrics"]
 
     bridge_svc = find(docs, "Service", "genrpc-bridge")
     bridge = container(find(docs, "Deployment", "genrpc-bridge"), "bridge")
-    bridge_cluster = clusters["genrpc_bridge"]
+    [bridge_cluster] = clusters["genrpc_bridge"]
     assert bridge_cluster["address"] == bridge_svc["metadata"]["name"]
     assert bridge_cluster["port_value"] == service_port(bridge_svc, "http")["port"] == port_of(bridge, "http") \
         == int(env_of(bridge)["GENRPC_BRIDGE_PORT"]) == defaults["bridge"]
-    assert env_of(bridge)["GENRPC_GRPC_TARGET"] == f"{svc['metadata']['name']}:{service_port(svc, 'grpc')['port']}"
+    # the bridge balances per call over the same pods (dns:/// resolves every address of the headless name)
+    assert env_of(bridge)["GENRPC_GRPC_TARGET"] == \
+        f"dns:///{pods['metadata']['name']}:{service_port(pods, 'grpc')['port']}"
     for c in (service, bridge):
         assert env_of(c)["GENRPC_HOST"] == "0.0.0.0"
 
@@ -315,9 +324,10 @@ def test_gpu_overlay():
     assert volumes["models"]["persistentVolumeClaim"]["claimName"] == pvc["metadata"]["name"]
     assert env["GENRPC_MODEL"].startswith(mounts["models"]["mountPath"] + "/")
     assert spec["nodeSelector"] and any(t["key"] == "nvidia.com/gpu" for t in spec["tolerations"])
-    pdb = find(docs, "PodDisruptionBudget", "genrpc-service")
-    assert pdb["spec"]["selector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]
-    assert deployment["spec"]["strategy"]["type"] == "Recreate"  # never two 4-GPU pods at once
+    # never more 4-GPU pods than replicas during a rollout (no surge), one replaced at a time
+    assert deployment["spec"]["strategy"] == {"type": "RollingUpdate",
+                                              "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}}
+    assert deployment["spec"]["replicas"] == 1  # raised once the model volume is shareable (overlay comment)
 
 
 def test_cpu_overlay_has_no_gpu():
@@ -379,3 +389,34 @@ def test_dockerfiles_lint(dockerfile):
     assert "!setup.py" in ignore
     if dockerfile == "Dockerfile.service-gpu":
         assert "sglang==0.5.23" in text
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_service_replicas_behind_a_headless_service(overlay):
+    """Scaling out: Envoy's service clusters resolve a headless Service of ready pods (STRICT_DNS: one endpoint
+    per pod), health-check each pod's grpc.health.v1 (the readiness probe's service) and hash affinity keys; a
+    PodDisruptionBudget keeps one serving replica."""
+    docs = render(overlay)
+    deployment = find(docs, "Deployment", "genrpc-service")
+    labels = deployment["spec"]["selector"]["matchLabels"]
+    pods = find(docs, "Service", render_envoy.SERVICE_PODS_HOST, exact=True)
+    assert pods["spec"]["clusterIP"] == "None" and pods["spec"]["selector"] == labels
+    assert pods["spec"].get("publishNotReadyAddresses", False) is False  # not-ready pods are not in DNS
+    pdb = find(docs, "PodDisruptionBudget", "genrpc-service")
+    assert pdb["spec"]["minAvailable"] == 1 and pdb["spec"]["selector"]["matchLabels"] == labels
+    assert deployment["spec"]["replicas"] >= 1
+
+    service = container(deployment, "service")
+    cfg = envoy_config(docs)
+    clusters = {c["name"]: c for c in cfg["static_resources"]["clusters"]}
+    for name, policy in [("genrpc_service", "LEAST_REQUEST"), ("genrpc_service_affinity", "MAGLEV")]:
+        cluster = clusters[name]
+        assert cluster["type"] == "STRICT_DNS" and cluster["lb_policy"] == policy
+        [check] = cluster["health_checks"]
+        assert check["grpc_health_check"]["service_name"] == service["readinessProbe"]["grpc"]["service"]
+        assert cluster["outlier_detection"]["consecutive_gateway_failure"] >= 1
+    routes = {r["name"]: r for r in cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+              ["typed_config"]["route_config"]["virtual_hosts"][0]["routes"]}
+    for name in ("grpc_affinity", "unary_affinity"):
+        assert routes[name]["route"]["cluster"] == "genrpc_service_affinity"
+        assert routes[name]["route"]["hash_policy"] == [{"header": {"header_name": "x-genrpc-affinity"}}]

@@ -71,7 +71,7 @@ async def wait_for(predicate, timeout: float = 30.0) -> None:
 def test_protocol_and_model_info(engine: LlamaCppEngine) -> None:
     assert isinstance(engine, Engine) and isinstance(engine.tokenizer, Tokenizer)
     assert engine.model_info.context_length_tokens == 8192  # SmolLM2's context_length from the GGUF
-    assert engine.model_info.extra["engine"] == "llamacpp"
+    assert engine.model_info.fingerprint.startswith("llamacpp-")
     assert engine.tokenizer.vocab_size == 49152
 
 

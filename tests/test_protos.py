@@ -74,10 +74,12 @@ def test_every_request_field_has_a_verdict_and_the_readme_shows_it():
         for f in fields:
             row = f"| `{f.name}` | " + " | ".join(f.verdicts[e] for e in gen.ENGINES) + " |"
             assert row in readme, row
-    # The truth the table states is checked against behaviour in test_servicer/test_sglang_adapter; here: the
-    # one engine-specific verdict today.
+    # The truth the table states is checked against behaviour in test_servicer, test_sglang_adapter and
+    # test_llamacpp_engine; here: the engine-specific verdicts.
     chat = gen.request_fields((ROOT / "protos" / "genrpc" / "v1" / "chat.proto").read_text(), "ChatCompletionRequest")
-    assert {f.name: f.verdicts for f in chat}["top_a"] == {"reference": "honoured", "sglang": "refused"}
+    verdicts = {f.name: f.verdicts for f in chat}
+    assert verdicts["top_a"] == {"llamacpp": "refused", "reference": "honoured", "sglang": "refused"}
+    assert verdicts["min_tokens"] == {"llamacpp": "refused", "reference": "honoured", "sglang": "honoured"}
 
 
 def test_a_field_without_a_verdict_is_an_error():

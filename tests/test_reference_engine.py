@@ -15,7 +15,8 @@ from genrpc.service.engines.base import (Engine, EngineBadRequest, EngineInterna
                                          EngineUnavailable, FinishReason, GenerationDelta, GenerationRequest,
                                          SamplingParams)
 from genrpc.service.engines.factory import reference_config
-from genrpc.service.engines.reference import ReferenceEngine, resolve_model_dir
+from genrpc.service.engines.reference.engine import ReferenceEngine
+from genrpc.service.engines.reference.model_store import resolve_model_dir
 
 MAX_BATCH = 8
 # Prompts that make the model talk for well over 32 tokens, so greedy comparisons cover all 32.

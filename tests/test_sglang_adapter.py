@@ -215,6 +215,11 @@ def _yarn_config() -> SGLangEngineConfig:
                                                            "original_max_position_embeddings": 32768})))
 
 
+def _workers_config(attach_to_pid: int = 0) -> SGLangEngineConfig:
+    return sglang_config(Settings(engine="sglang", model="/models/Qwen2.5-7B-Instruct", service_workers=4,
+                                  sglang_attach_pid=attach_to_pid))
+
+
 @pytest.fixture(scope="module")
 def sglang_checked() -> dict[str, Any]:
     """SGLang's own verdicts on every case above, from one run of tests/_sglang_check.py in .venv-sglang-check."""
@@ -225,7 +230,9 @@ def sglang_checked() -> dict[str, Any]:
                              for k, p in VERIFY_CASES.items()},
                           **{k: {"params": to_sglang_sampling_params(p), "vocab_size": vocab}
                              for k, (p, vocab) in MUST_FAIL_CASES.items()}},
-             "server_args": {"qwen-yarn": engine_kwargs(_yarn_config())}}
+             "server_args": {"qwen-yarn": engine_kwargs(_yarn_config()),
+                             "tokenizer-workers": engine_kwargs(_workers_config())},
+             "engine_methods": ["attach_tokenizer_worker"]}
     out = subprocess.run([str(SGLANG_CHECK_PYTHON), str(ROOT / "tests" / "_sglang_check.py")],
                          input=json.dumps(cases), capture_output=True, text=True, timeout=300,
                          env={**os.environ, "PYTHONPATH": str(ROOT)})
@@ -782,3 +789,35 @@ async def test_accepts_images_from_config_json_without_mm_processor(tmp_path):
     del fake.tokenizer_manager.mm_processor  # another SGLang version: no such attribute
     engine._model_info = engine._build_model_info()
     assert engine.model_info.accepts_images
+
+
+def test_service_workers_share_one_sglang_engine(sglang_checked):
+    """--service-workers N with SGLang: worker 0 builds the engine with N tokenizer workers (SGLang's own ServerArgs
+    accept it), the others attach with `Engine.attach_tokenizer_worker(parent_pid=...)` (read from SGLang's source)."""
+    assert sglang_checked["tokenizer-workers"]["ok"], sglang_checked["tokenizer-workers"]
+    assert sglang_checked["tokenizer-workers"]["fields"]["tokenizer_worker_num"] == 4
+    assert "parent_pid" in sglang_checked["engine_api"]["attach_tokenizer_worker"]
+
+
+async def test_attached_worker_does_not_build_an_engine():
+    attached: list[int] = []
+
+    class FakeSGLang(FakeSGLangEngine):
+        @classmethod
+        def attach_tokenizer_worker(cls, parent_pid=None):
+            attached.append(parent_pid)
+            return FakeSGLangEngine(attached=True)
+
+    FakeSGLangEngine.instances.clear()
+    worker = SGLangEngine(_workers_config(attach_to_pid=4242), engine_factory=FakeSGLang, tokenizer=WordTokenizer())
+    await worker.start()  # attaches, then warms up through the attached engine
+    assert attached == [4242]
+    assert [e.kwargs for e in FakeSGLangEngine.instances] == [{"attached": True}]
+    assert FakeSGLangEngine.instances[0].calls  # the warm-up generated on the attached engine
+    await worker.shutdown()
+    host = SGLangEngine(_workers_config(), engine_factory=FakeSGLang, tokenizer=WordTokenizer())
+    host.host()  # the engine host builds the engine and generates nothing itself (it holds SGLang's router)
+    hosted = FakeSGLangEngine.instances[-1]
+    assert hosted.kwargs["tokenizer_worker_num"] == 4 and hosted.calls == [] and attached == [4242]
+    await host.shutdown()
+    assert hosted.shut_down

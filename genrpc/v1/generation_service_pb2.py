@@ -26,9 +26,10 @@ from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from genrpc.v1 import chat_pb2 as genrpc_dot_v1_dot_chat__pb2
 from genrpc.v1 import completion_pb2 as genrpc_dot_v1_dot_completion__pb2
 from genrpc.v1 import model_pb2 as genrpc_dot_v1_dot_model__pb2
+from genrpc.v1 import responses_pb2 as genrpc_dot_v1_dot_responses__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"genrpc/v1/generation_service.proto\x12\tgenrpc.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x14genrpc/v1/chat.proto\x1a\x1agenrpc/v1/completion.proto\x1a\x15genrpc/v1/model.proto2\xb2\x04\n\x11GenerationService\x12J\n\x04\x43hat\x12 .genrpc.v1.ChatCompletionRequest\x1a\x1e.genrpc.v1.ChatCompletionChunk0\x01\x12\x41\n\x08Generate\x12\x1c.genrpc.v1.CompletionRequest\x1a\x15.genrpc.v1.Completion0\x01\x12t\n\x14\x43reateChatCompletion\x12 .genrpc.v1.ChatCompletionRequest\x1a\x19.genrpc.v1.ChatCompletion\"\x1f\x82\xd3\xe4\x93\x02\x19\"\x14/v1/chat/completions:\x01*\x12\x63\n\x10\x43reateCompletion\x12\x1c.genrpc.v1.CompletionRequest\x1a\x15.genrpc.v1.Completion\"\x1a\x82\xd3\xe4\x93\x02\x14\"\x0f/v1/completions:\x01*\x12]\n\nListModels\x12\x1c.genrpc.v1.ListModelsRequest\x1a\x1d.genrpc.v1.ListModelsResponse\"\x12\x82\xd3\xe4\x93\x02\x0c\x12\n/v1/models\x12T\n\x08GetModel\x12\x1a.genrpc.v1.GetModelRequest\x1a\x10.genrpc.v1.Model\"\x1a\x82\xd3\xe4\x93\x02\x14\x12\x12/v1/models/{model}B\x11\n\rdev.genrpc.v1P\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"genrpc/v1/generation_service.proto\x12\tgenrpc.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x14genrpc/v1/chat.proto\x1a\x1agenrpc/v1/completion.proto\x1a\x15genrpc/v1/model.proto\x1a\x19genrpc/v1/responses.proto2\x83\x0b\n\x11GenerationService\x12J\n\x04\x43hat\x12 .genrpc.v1.ChatCompletionRequest\x1a\x1e.genrpc.v1.ChatCompletionChunk0\x01\x12\x41\n\x08Generate\x12\x1c.genrpc.v1.CompletionRequest\x1a\x15.genrpc.v1.Completion0\x01\x12t\n\x14\x43reateChatCompletion\x12 .genrpc.v1.ChatCompletionRequest\x1a\x19.genrpc.v1.ChatCompletion\"\x1f\x82\xd3\xe4\x93\x02\x19\"\x14/v1/chat/completions:\x01*\x12\x63\n\x10\x43reateCompletion\x12\x1c.genrpc.v1.CompletionRequest\x1a\x15.genrpc.v1.Completion\"\x1a\x82\xd3\xe4\x93\x02\x14\"\x0f/v1/completions:\x01*\x12]\n\nListModels\x12\x1c.genrpc.v1.ListModelsRequest\x1a\x1d.genrpc.v1.ListModelsResponse\"\x12\x82\xd3\xe4\x93\x02\x0c\x12\n/v1/models\x12T\n\x08GetModel\x12\x1a.genrpc.v1.GetModelRequest\x1a\x10.genrpc.v1.Model\"\x1a\x82\xd3\xe4\x93\x02\x14\x12\x12/v1/models/{model}\x12\x61\n\x0e\x43reateResponse\x12 .genrpc.v1.CreateResponseRequest\x1a\x13.genrpc.v1.Response\"\x18\x82\xd3\xe4\x93\x02\x12\"\r/v1/responses:\x01*\x12T\n\x0eStreamResponse\x12 .genrpc.v1.CreateResponseRequest\x1a\x1e.genrpc.v1.ResponseStreamEvent0\x01\x12\x66\n\x0bGetResponse\x12\x1d.genrpc.v1.GetResponseRequest\x1a\x13.genrpc.v1.Response\"#\x82\xd3\xe4\x93\x02\x1d\x12\x1b/v1/responses/{response_id}\x12x\n\x0e\x44\x65leteResponse\x12 .genrpc.v1.DeleteResponseRequest\x1a\x1f.genrpc.v1.DeleteResponseResult\"#\x82\xd3\xe4\x93\x02\x1d*\x1b/v1/responses/{response_id}\x12\x80\x01\n\x0eListInputItems\x12 .genrpc.v1.ListInputItemsRequest\x1a\x1b.genrpc.v1.ResponseItemList\"/\x82\xd3\xe4\x93\x02)\x12\'/v1/responses/{response_id}/input_items\x12w\n\x10\x43ountInputTokens\x12 .genrpc.v1.CreateResponseRequest\x1a\x1a.genrpc.v1.InputTokenCount\"%\x82\xd3\xe4\x93\x02\x1f\"\x1a/v1/responses/input_tokens:\x01*\x12W\n\x08Tokenize\x12\x1a.genrpc.v1.TokenizeRequest\x1a\x19.genrpc.v1.TokenizeResult\"\x14\x82\xd3\xe4\x93\x02\x0e\"\t/tokenize:\x01*\x12_\n\nDetokenize\x12\x1c.genrpc.v1.DetokenizeRequest\x1a\x1b.genrpc.v1.DetokenizeResult\"\x16\x82\xd3\xe4\x93\x02\x10\"\x0b/detokenize:\x01*B\x11\n\rdev.genrpc.v1P\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -44,6 +45,20 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATIONSERVICE'].methods_by_name['ListModels']._serialized_options = b'\202\323\344\223\002\014\022\n/v1/models'
   _globals['_GENERATIONSERVICE'].methods_by_name['GetModel']._loaded_options = None
   _globals['_GENERATIONSERVICE'].methods_by_name['GetModel']._serialized_options = b'\202\323\344\223\002\024\022\022/v1/models/{model}'
-  _globals['_GENERATIONSERVICE']._serialized_start=153
-  _globals['_GENERATIONSERVICE']._serialized_end=715
+  _globals['_GENERATIONSERVICE'].methods_by_name['CreateResponse']._loaded_options = None
+  _globals['_GENERATIONSERVICE'].methods_by_name['CreateResponse']._serialized_options = b'\202\323\344\223\002\022\"\r/v1/responses:\001*'
+  _globals['_GENERATIONSERVICE'].methods_by_name['GetResponse']._loaded_options = None
+  _globals['_GENERATIONSERVICE'].methods_by_name['GetResponse']._serialized_options = b'\202\323\344\223\002\035\022\033/v1/responses/{response_id}'
+  _globals['_GENERATIONSERVICE'].methods_by_name['DeleteResponse']._loaded_options = None
+  _globals['_GENERATIONSERVICE'].methods_by_name['DeleteResponse']._serialized_options = b'\202\323\344\223\002\035*\033/v1/responses/{response_id}'
+  _globals['_GENERATIONSERVICE'].methods_by_name['ListInputItems']._loaded_options = None
+  _globals['_GENERATIONSERVICE'].methods_by_name['ListInputItems']._serialized_options = b'\202\323\344\223\002)\022\'/v1/responses/{response_id}/input_items'
+  _globals['_GENERATIONSERVICE'].methods_by_name['CountInputTokens']._loaded_options = None
+  _globals['_GENERATIONSERVICE'].methods_by_name['CountInputTokens']._serialized_options = b'\202\323\344\223\002\037\"\032/v1/responses/input_tokens:\001*'
+  _globals['_GENERATIONSERVICE'].methods_by_name['Tokenize']._loaded_options = None
+  _globals['_GENERATIONSERVICE'].methods_by_name['Tokenize']._serialized_options = b'\202\323\344\223\002\016\"\t/tokenize:\001*'
+  _globals['_GENERATIONSERVICE'].methods_by_name['Detokenize']._loaded_options = None
+  _globals['_GENERATIONSERVICE'].methods_by_name['Detokenize']._serialized_options = b'\202\323\344\223\002\020\"\013/detokenize:\001*'
+  _globals['_GENERATIONSERVICE']._serialized_start=180
+  _globals['_GENERATIONSERVICE']._serialized_end=1591
 # @@protoc_insertion_point(module_scope)

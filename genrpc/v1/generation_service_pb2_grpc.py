@@ -6,6 +6,7 @@ import warnings
 from genrpc.v1 import chat_pb2 as genrpc_dot_v1_dot_chat__pb2
 from genrpc.v1 import completion_pb2 as genrpc_dot_v1_dot_completion__pb2
 from genrpc.v1 import model_pb2 as genrpc_dot_v1_dot_model__pb2
+from genrpc.v1 import responses_pb2 as genrpc_dot_v1_dot_responses__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -72,6 +73,46 @@ class GenerationServiceStub:
                 '/genrpc.v1.GenerationService/GetModel',
                 request_serializer=genrpc_dot_v1_dot_model__pb2.GetModelRequest.SerializeToString,
                 response_deserializer=genrpc_dot_v1_dot_model__pb2.Model.FromString,
+                _registered_method=True)
+        self.CreateResponse = channel.unary_unary(
+                '/genrpc.v1.GenerationService/CreateResponse',
+                request_serializer=genrpc_dot_v1_dot_responses__pb2.CreateResponseRequest.SerializeToString,
+                response_deserializer=genrpc_dot_v1_dot_responses__pb2.Response.FromString,
+                _registered_method=True)
+        self.StreamResponse = channel.unary_stream(
+                '/genrpc.v1.GenerationService/StreamResponse',
+                request_serializer=genrpc_dot_v1_dot_responses__pb2.CreateResponseRequest.SerializeToString,
+                response_deserializer=genrpc_dot_v1_dot_responses__pb2.ResponseStreamEvent.FromString,
+                _registered_method=True)
+        self.GetResponse = channel.unary_unary(
+                '/genrpc.v1.GenerationService/GetResponse',
+                request_serializer=genrpc_dot_v1_dot_responses__pb2.GetResponseRequest.SerializeToString,
+                response_deserializer=genrpc_dot_v1_dot_responses__pb2.Response.FromString,
+                _registered_method=True)
+        self.DeleteResponse = channel.unary_unary(
+                '/genrpc.v1.GenerationService/DeleteResponse',
+                request_serializer=genrpc_dot_v1_dot_responses__pb2.DeleteResponseRequest.SerializeToString,
+                response_deserializer=genrpc_dot_v1_dot_responses__pb2.DeleteResponseResult.FromString,
+                _registered_method=True)
+        self.ListInputItems = channel.unary_unary(
+                '/genrpc.v1.GenerationService/ListInputItems',
+                request_serializer=genrpc_dot_v1_dot_responses__pb2.ListInputItemsRequest.SerializeToString,
+                response_deserializer=genrpc_dot_v1_dot_responses__pb2.ResponseItemList.FromString,
+                _registered_method=True)
+        self.CountInputTokens = channel.unary_unary(
+                '/genrpc.v1.GenerationService/CountInputTokens',
+                request_serializer=genrpc_dot_v1_dot_responses__pb2.CreateResponseRequest.SerializeToString,
+                response_deserializer=genrpc_dot_v1_dot_responses__pb2.InputTokenCount.FromString,
+                _registered_method=True)
+        self.Tokenize = channel.unary_unary(
+                '/genrpc.v1.GenerationService/Tokenize',
+                request_serializer=genrpc_dot_v1_dot_responses__pb2.TokenizeRequest.SerializeToString,
+                response_deserializer=genrpc_dot_v1_dot_responses__pb2.TokenizeResult.FromString,
+                _registered_method=True)
+        self.Detokenize = channel.unary_unary(
+                '/genrpc.v1.GenerationService/Detokenize',
+                request_serializer=genrpc_dot_v1_dot_responses__pb2.DetokenizeRequest.SerializeToString,
+                response_deserializer=genrpc_dot_v1_dot_responses__pb2.DetokenizeResult.FromString,
                 _registered_method=True)
 
 
@@ -156,6 +197,95 @@ class GenerationServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateResponse(self, request, context):
+        """CreateResponse creates a whole response (OpenAI `POST /v1/responses` without streaming).
+
+        The request becomes the same chat job as CreateChatCompletion (validation, chat template, tool-call
+        parsing, constrained decoding), with the stored history of previous_response_id before `input`. The
+        reply's status is `completed`, or `incomplete` when max_output_tokens or the context window cut the
+        output. Fails with INVALID_ARGUMENT (a BadRequest names the field: a bad or refused field, `stream` true,
+        a prompt over the context window), NOT_FOUND (unknown model, or an unknown/expired
+        previous_response_id), or as CreateChatCompletion does. With store (default true) the response and its
+        input are kept in this replica's store until the retention ends.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StreamResponse(self, request, context):
+        """StreamResponse streams a response as OpenAI's typed events (the bridge writes them as SSE).
+
+        Validation errors end the call with a status and no events, as for CreateResponse. Then, with
+        sequence_number 0, 1, 2, ...:
+        1. created, 2. in_progress (response.status `in_progress`, empty output), both sent once the engine
+        produced its first output, so that failures before it (queue full, engine errors) also end the
+        call with a status and no events;
+        3. per output item, in the order the model writes them (output_index 0, 1, ...):
+        text: output_item_added (message, empty content), content_part_added (output_text ""),
+        output_text_delta per piece, output_text_done, content_part_done, output_item_done;
+        a tool call: output_item_added (function_call, empty arguments), one
+        function_call_arguments_delta (the whole arguments), function_call_arguments_done,
+        output_item_done; a response with neither still has one (empty) message item;
+        4. completed, or incomplete (incomplete_details.reason `max_output_tokens`), with output and usage.
+        The stream then ends with OK. A failure after `created` sends an `error` event and a `failed` event
+        (response.error set) and ends with OK, so SSE clients see it; the response is then not stored.
+        Cancelling the call stops the generation within one decode step and frees its batch slot; nothing
+        is stored.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetResponse(self, request, context):
+        """GetResponse returns a stored response (OpenAI `GET /v1/responses/{response_id}`). NOT_FOUND if the id
+        is unknown on this replica, deleted, expired or was created with store false.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteResponse(self, request, context):
+        """DeleteResponse deletes a stored response (OpenAI `DELETE /v1/responses/{response_id}`). NOT_FOUND as
+        for GetResponse. Responses that continued it keep their own copy of the history.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListInputItems(self, request, context):
+        """ListInputItems pages through a stored response's input items (OpenAI
+        `GET /v1/responses/{response_id}/input_items`). NOT_FOUND as for GetResponse; INVALID_ARGUMENT for a
+        bad limit, order or after.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CountInputTokens(self, request, context):
+        """CountInputTokens counts the prompt tokens of a CreateResponse request without generating (OpenAI
+        `POST /v1/responses/input_tokens`): exactly the usage.input_tokens the same request is billed. The
+        request is validated as CreateResponse validates it (same errors).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Tokenize(self, request, context):
+        """Tokenize turns a prompt or a chat (vLLM `POST /tokenize`) into token ids. For messages, the ids are the
+        prompt CreateChatCompletion would feed the model, so `count` equals its usage.prompt_tokens.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Detokenize(self, request, context):
+        """Detokenize turns token ids back into text (vLLM `POST /detokenize`). INVALID_ARGUMENT naming `tokens`
+        for an id outside the vocabulary.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GenerationServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -188,6 +318,46 @@ def add_GenerationServiceServicer_to_server(servicer, server):
                     servicer.GetModel,
                     request_deserializer=genrpc_dot_v1_dot_model__pb2.GetModelRequest.FromString,
                     response_serializer=genrpc_dot_v1_dot_model__pb2.Model.SerializeToString,
+            ),
+            'CreateResponse': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateResponse,
+                    request_deserializer=genrpc_dot_v1_dot_responses__pb2.CreateResponseRequest.FromString,
+                    response_serializer=genrpc_dot_v1_dot_responses__pb2.Response.SerializeToString,
+            ),
+            'StreamResponse': grpc.unary_stream_rpc_method_handler(
+                    servicer.StreamResponse,
+                    request_deserializer=genrpc_dot_v1_dot_responses__pb2.CreateResponseRequest.FromString,
+                    response_serializer=genrpc_dot_v1_dot_responses__pb2.ResponseStreamEvent.SerializeToString,
+            ),
+            'GetResponse': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetResponse,
+                    request_deserializer=genrpc_dot_v1_dot_responses__pb2.GetResponseRequest.FromString,
+                    response_serializer=genrpc_dot_v1_dot_responses__pb2.Response.SerializeToString,
+            ),
+            'DeleteResponse': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteResponse,
+                    request_deserializer=genrpc_dot_v1_dot_responses__pb2.DeleteResponseRequest.FromString,
+                    response_serializer=genrpc_dot_v1_dot_responses__pb2.DeleteResponseResult.SerializeToString,
+            ),
+            'ListInputItems': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListInputItems,
+                    request_deserializer=genrpc_dot_v1_dot_responses__pb2.ListInputItemsRequest.FromString,
+                    response_serializer=genrpc_dot_v1_dot_responses__pb2.ResponseItemList.SerializeToString,
+            ),
+            'CountInputTokens': grpc.unary_unary_rpc_method_handler(
+                    servicer.CountInputTokens,
+                    request_deserializer=genrpc_dot_v1_dot_responses__pb2.CreateResponseRequest.FromString,
+                    response_serializer=genrpc_dot_v1_dot_responses__pb2.InputTokenCount.SerializeToString,
+            ),
+            'Tokenize': grpc.unary_unary_rpc_method_handler(
+                    servicer.Tokenize,
+                    request_deserializer=genrpc_dot_v1_dot_responses__pb2.TokenizeRequest.FromString,
+                    response_serializer=genrpc_dot_v1_dot_responses__pb2.TokenizeResult.SerializeToString,
+            ),
+            'Detokenize': grpc.unary_unary_rpc_method_handler(
+                    servicer.Detokenize,
+                    request_deserializer=genrpc_dot_v1_dot_responses__pb2.DetokenizeRequest.FromString,
+                    response_serializer=genrpc_dot_v1_dot_responses__pb2.DetokenizeResult.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -359,6 +529,222 @@ class GenerationService:
             '/genrpc.v1.GenerationService/GetModel',
             genrpc_dot_v1_dot_model__pb2.GetModelRequest.SerializeToString,
             genrpc_dot_v1_dot_model__pb2.Model.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateResponse(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/genrpc.v1.GenerationService/CreateResponse',
+            genrpc_dot_v1_dot_responses__pb2.CreateResponseRequest.SerializeToString,
+            genrpc_dot_v1_dot_responses__pb2.Response.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamResponse(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/genrpc.v1.GenerationService/StreamResponse',
+            genrpc_dot_v1_dot_responses__pb2.CreateResponseRequest.SerializeToString,
+            genrpc_dot_v1_dot_responses__pb2.ResponseStreamEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetResponse(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/genrpc.v1.GenerationService/GetResponse',
+            genrpc_dot_v1_dot_responses__pb2.GetResponseRequest.SerializeToString,
+            genrpc_dot_v1_dot_responses__pb2.Response.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteResponse(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/genrpc.v1.GenerationService/DeleteResponse',
+            genrpc_dot_v1_dot_responses__pb2.DeleteResponseRequest.SerializeToString,
+            genrpc_dot_v1_dot_responses__pb2.DeleteResponseResult.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListInputItems(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/genrpc.v1.GenerationService/ListInputItems',
+            genrpc_dot_v1_dot_responses__pb2.ListInputItemsRequest.SerializeToString,
+            genrpc_dot_v1_dot_responses__pb2.ResponseItemList.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CountInputTokens(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/genrpc.v1.GenerationService/CountInputTokens',
+            genrpc_dot_v1_dot_responses__pb2.CreateResponseRequest.SerializeToString,
+            genrpc_dot_v1_dot_responses__pb2.InputTokenCount.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Tokenize(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/genrpc.v1.GenerationService/Tokenize',
+            genrpc_dot_v1_dot_responses__pb2.TokenizeRequest.SerializeToString,
+            genrpc_dot_v1_dot_responses__pb2.TokenizeResult.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Detokenize(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/genrpc.v1.GenerationService/Detokenize',
+            genrpc_dot_v1_dot_responses__pb2.DetokenizeRequest.SerializeToString,
+            genrpc_dot_v1_dot_responses__pb2.DetokenizeResult.FromString,
             options,
             channel_credentials,
             insecure,

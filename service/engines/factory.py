@@ -32,7 +32,8 @@ def sglang_config(settings: Settings) -> SGLangEngineConfig:
         tool_call_parser=settings.tool_call_parser, log_level=settings.log_level,
         enable_metrics=settings.metrics_port != -1,
         max_running_requests=settings.sglang_max_running_requests, max_queued_requests=settings.max_queue,
-        extra_args=settings.sglang_extra_args)
+        extra_args=settings.sglang_extra_args, tokenizer_worker_num=settings.service_workers,
+        attach_to_pid=settings.sglang_attach_pid)
 
 
 def llamacpp_config(settings: Settings) -> LlamaCppEngineConfig:

@@ -52,14 +52,7 @@ class HFTokenizer:
         return "tools" in template and "tool_call" in template
 
     def token_bytes(self, token_id: int) -> bytes:
-        token = self._tok.convert_ids_to_tokens(int(token_id))
-        if token is None:
-            return b""
-        if len(token) == 6 and token.startswith("<0x") and token.endswith(">"):  # SentencePiece byte fallback
-            return bytes([int(token[3:5], 16)])
-        if all(ch in _BYTE_DECODER for ch in token):  # byte-level BPE (GPT-2, Qwen, SmolLM2)
-            return bytes(_BYTE_DECODER[ch] for ch in token)
-        return token.replace("\u2581", " ").encode()
+        return vocabulary_token_bytes(self._tok.convert_ids_to_tokens(int(token_id)))
 
     def encode(self, text: str) -> list[int]:
         return list(self._tok.encode(text, add_special_tokens=False))
@@ -94,6 +87,17 @@ def _byte_decoder() -> dict[str, int]:
 
 
 _BYTE_DECODER = _byte_decoder()
+
+
+def vocabulary_token_bytes(token: str | None) -> bytes:
+    """The bytes a vocabulary entry stands for, whichever way the tokenizer spells bytes."""
+    if token is None:
+        return b""
+    if len(token) == 6 and token.startswith("<0x") and token.endswith(">"):  # SentencePiece byte fallback
+        return bytes([int(token[3:5], 16)])
+    if all(ch in _BYTE_DECODER for ch in token):  # byte-level BPE (GPT-2, Qwen, SmolLM2)
+        return bytes(_BYTE_DECODER[ch] for ch in token)
+    return token.replace("\u2581", " ").encode()
 
 
 def _as_ids(value: int | list[int] | None) -> list[int]:

@@ -122,10 +122,16 @@ class SGLangEngine:
             import sglang  # heavy and GPU-only: imported here, never at module import
 
             factory = sglang.Engine
-        log.info("starting sglang %s: %s", SGLANG_VERSION,
-                 {k: v for k, v in kwargs.items() if k != "json_model_override_args"})
         # On the running loop, main thread, synchronously (see module docstring).
-        self._engine = factory(**kwargs)
+        if self._config.attach_to_pid:
+            # Another service worker built the engine with tokenizer_worker_num > 1: this process becomes one of
+            # its tokenizer workers (generate runs here; prefill and decode stay on the parent's schedulers).
+            log.info("attaching to the sglang engine of process %d", self._config.attach_to_pid)
+            self._engine = factory.attach_tokenizer_worker(parent_pid=self._config.attach_to_pid)
+        else:
+            log.info("starting sglang %s: %s", SGLANG_VERSION,
+                     {k: v for k, v in kwargs.items() if k != "json_model_override_args"})
+            self._engine = factory(**kwargs)
         try:
             server_args = getattr(self._engine, "server_args", None)
             self._incremental = bool(getattr(server_args, "incremental_streaming_output", False))
@@ -142,6 +148,17 @@ class SGLangEngine:
             await self.shutdown()  # never leave SGLang's GPU processes behind a failed start
             raise
         log.info("sglang engine ready: %s", self._model_info)
+
+    def host(self) -> None:
+        """Builds the engine for `--service-workers` and serves nothing itself: with tokenizer_worker_num > 1 this
+        process holds SGLang's MultiTokenizerRouter (no TokenizerManager, so no generate), and the serving workers
+        attach to it (`attach_to_pid`), as the HTTP workers of `sglang serve` do. Stop it with `shutdown()`."""
+        factory = self._engine_factory
+        if factory is None:
+            import sglang
+
+            factory = sglang.Engine
+        self._engine = factory(**engine_kwargs(self._config))
 
     async def _warm_up(self) -> None:
         ids = self.tokenizer.encode(WARMUP_PROMPT) or [0]

@@ -305,6 +305,11 @@ class SGLangEngineConfig:
     max_running_requests: int = 0  # 0 = SGLang sizes it from KV-cache memory
     max_queued_requests: int = 0  # 0 = unbounded
     extra_args: str = ""  # extra ServerArgs as a JSON object
+    # Per-request Python work over several processes for one engine: the process that builds the engine runs it with
+    # `tokenizer_worker_num` tokenizer workers; the others attach to it (`Engine.attach_tokenizer_worker`) and each
+    # serves gRPC on the same port. attach_to_pid > 0: attach to that process's engine instead of building one.
+    tokenizer_worker_num: int = 1
+    attach_to_pid: int = 0
 
 
 def engine_kwargs(config: SGLangEngineConfig) -> dict[str, Any]:
@@ -326,6 +331,8 @@ def engine_kwargs(config: SGLangEngineConfig) -> dict[str, Any]:
         # reads whichever mode the engine's server_args report.
         "incremental_streaming_output": True,
     }
+    if config.tokenizer_worker_num > 1:
+        kwargs["tokenizer_worker_num"] = config.tokenizer_worker_num
     if config.context_length:
         kwargs["context_length"] = config.context_length
     if config.chat_template:

@@ -303,10 +303,9 @@ class LlamaCppEngine:
                                                                thread_name_prefix="llamacpp")
         self._model_info = ModelInfo(
             model_id=self._config.model_id, context_length_tokens=context,
-            fingerprint="llamacpp-" + gguf.stem[:40],
-            extra={"engine": "llamacpp", "gguf": str(gguf), "slots": self._config.slots,
-                   "threads": threads(self._config)})
-        log.info("loaded %s in %.1f s", gguf.name, time.perf_counter() - t0)
+            fingerprint="llamacpp-" + gguf.stem[:40])
+        log.info("loaded %s in %.1f s (%d slots, %d threads)", gguf.name, time.perf_counter() - t0,
+                 self._config.slots, threads(self._config))
         await self._warm_up()
 
     def _load(self, metadata: dict[str, Any]) -> tuple[Any, int]:

@@ -23,7 +23,7 @@ from tokenizers import Tokenizer as RustTokenizer
 from tokenizers.decoders import DecodeStream
 
 from genrpc.service.engines.gguf_files import cache_name
-from genrpc.service.engines.hf_tokenizer import _BYTE_DECODER
+from genrpc.service.engines.hf_tokenizer import vocabulary_token_bytes
 from genrpc.service.engines.llamacpp.export_tokenizer import METADATA_FILE, NOT_A_CHAT_MODEL_EXIT
 
 log = logging.getLogger(__name__)
@@ -101,14 +101,7 @@ class GGUFTokenizer:
         return self._tok.decode([int(i) for i in token_ids], skip_special_tokens=skip_special_tokens)
 
     def token_bytes(self, token_id: int) -> bytes:
-        token = self._tok.id_to_token(int(token_id))
-        if token is None:
-            return b""
-        if len(token) == 6 and token.startswith("<0x") and token.endswith(">"):  # SentencePiece byte fallback
-            return bytes([int(token[3:5], 16)])
-        if all(ch in _BYTE_DECODER for ch in token):  # byte-level BPE (GPT-2, Qwen, SmolLM2)
-            return bytes(_BYTE_DECODER[ch] for ch in token)
-        return token.replace("\u2581", " ").encode()
+        return vocabulary_token_bytes(self._tok.id_to_token(int(token_id)))
 
     def apply_chat_template(self, messages: list[dict[str, Any]],
                             tools: list[dict[str, Any]] | None = None) -> list[int]:
