@@ -268,11 +268,11 @@ class GenerationServicer(ResponsesMixin, generation_service_pb2_grpc.GenerationS
 
     async def Chat(self, request: chat_pb2.ChatCompletionRequest, context):
         with self._admission(request):
-            async with contextlib.aclosing(self._chat(request)) as chunks:
+            async with contextlib.aclosing(self._chat_admitted(request)) as chunks:
                 async for chunk in chunks:
                     yield chunk
 
-    async def _chat(self, request: chat_pb2.ChatCompletionRequest):
+    async def _chat_admitted(self, request: chat_pb2.ChatCompletionRequest):
         if request.HasField("stream") and not request.stream:
             raise InvalidArgument("stream", "'stream' is false; call CreateChatCompletion for a whole response.")
         stream_interval = self._request_stream_interval(request)
@@ -328,9 +328,9 @@ class GenerationServicer(ResponsesMixin, generation_service_pb2_grpc.GenerationS
 
     async def CreateChatCompletion(self, request: chat_pb2.ChatCompletionRequest, context):
         with self._admission(request):
-            return await self._create_chat_completion(request)
+            return await self._create_chat_completion_admitted(request)
 
-    async def _create_chat_completion(self, request: chat_pb2.ChatCompletionRequest):
+    async def _create_chat_completion_admitted(self, request: chat_pb2.ChatCompletionRequest):
         if request.stream:
             raise InvalidArgument("stream", "'stream' is true; call the streaming Chat RPC instead.")
         prepared = await self._prepare_chat(request)
@@ -358,11 +358,11 @@ class GenerationServicer(ResponsesMixin, generation_service_pb2_grpc.GenerationS
 
     async def Generate(self, request: completion_pb2.CompletionRequest, context):
         with self._admission(request):
-            async with contextlib.aclosing(self._generate(request)) as chunks:
+            async with contextlib.aclosing(self._generate_admitted(request)) as chunks:
                 async for chunk in chunks:
                     yield chunk
 
-    async def _generate(self, request: completion_pb2.CompletionRequest):
+    async def _generate_admitted(self, request: completion_pb2.CompletionRequest):
         if request.HasField("stream") and not request.stream:
             raise InvalidArgument("stream", "'stream' is false; call CreateCompletion for a whole response.")
         stream_interval = self._request_stream_interval(request)
@@ -390,9 +390,9 @@ class GenerationServicer(ResponsesMixin, generation_service_pb2_grpc.GenerationS
 
     async def CreateCompletion(self, request: completion_pb2.CompletionRequest, context):
         with self._admission(request):
-            return await self._create_completion(request)
+            return await self._create_completion_admitted(request)
 
-    async def _create_completion(self, request: completion_pb2.CompletionRequest):
+    async def _create_completion_admitted(self, request: completion_pb2.CompletionRequest):
         if request.stream:
             raise InvalidArgument("stream", "'stream' is true; call the streaming Generate RPC instead.")
         prepared = await self._prepare_completion(request)
