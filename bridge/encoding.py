@@ -12,6 +12,7 @@ import json
 from typing import Any
 
 from google.protobuf import json_format
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
 _ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
@@ -54,3 +55,59 @@ def loads_object(body: bytes) -> dict[str, Any]:
     if not isinstance(parsed, dict):
         raise ValueError("the request body must be a JSON object")
     return parsed
+
+
+# ---- Envoy's transcoder's leniencies, so both REST paths accept and refuse the same bodies -------------------
+# Envoy's transcoder parses JSON with protobuf's C++ stream converter (DataPiece): a bool field also takes the
+# strings "true"/"t"/"yes"/"y"/"1" and "false"/"f"/"no"/"n"/"0" (any case; absl's SimpleAtob), and a number field
+# never takes a JSON bool, and a message field takes only an object. Python's json_format takes only JSON bools
+# (or "true"/"false") for a bool, reads true as 1 for a number and [] as an empty message. `align_with_transcoder` rewrites a body so ParseDict gives the transcoder's verdict.
+
+_TRUE_STRINGS = {"true", "t", "yes", "y", "1"}
+_FALSE_STRINGS = {"false", "f", "no", "n", "0"}
+_NUMBER_TYPES = {FieldDescriptor.TYPE_DOUBLE, FieldDescriptor.TYPE_FLOAT, FieldDescriptor.TYPE_INT32,
+                 FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_UINT32, FieldDescriptor.TYPE_UINT64,
+                 FieldDescriptor.TYPE_SINT32, FieldDescriptor.TYPE_SINT64, FieldDescriptor.TYPE_FIXED32,
+                 FieldDescriptor.TYPE_FIXED64, FieldDescriptor.TYPE_SFIXED32, FieldDescriptor.TYPE_SFIXED64}
+_OPAQUE = {"google.protobuf.Value", "google.protobuf.Struct", "google.protobuf.ListValue"}
+
+
+def _align_scalar(field: FieldDescriptor, value: Any) -> Any:
+    if field.type == FieldDescriptor.TYPE_BOOL and isinstance(value, str):
+        lowered = value.lower()
+        if lowered in _TRUE_STRINGS:
+            return True
+        if lowered in _FALSE_STRINGS:
+            return False
+        raise ValueError(f"Invalid value for bool field {field.name}: {value!r}")
+    if field.type in _NUMBER_TYPES and isinstance(value, bool):
+        raise ValueError(f"Invalid value for number field {field.name}: {value!r}")
+    if field.message_type is not None and not field.message_type.full_name.startswith("google.protobuf."):
+        if not isinstance(value, dict):  # json_format reads [] as an empty message; the transcoder refuses it
+            raise ValueError(f"Invalid value for message field {field.name}: expected an object")
+        align_with_transcoder(value, field.message_type)
+    return value
+
+
+def align_with_transcoder(body: dict[str, Any], descriptor: Descriptor) -> dict[str, Any]:
+    """`body` (changed in place) as Envoy's transcoder reads it; raises ValueError where the transcoder refuses."""
+    if descriptor.full_name in _OPAQUE:
+        return body
+    fields = {f.json_name: f for f in descriptor.fields} | {f.name: f for f in descriptor.fields}
+    for key, value in body.items():
+        if key == "":  # the transcoder refuses an empty field name (an unknown name is dropped)
+            raise ValueError(f"Invalid empty field name in {descriptor.name}")
+        field = fields.get(key)
+        if field is None or value is None:
+            continue
+        if field.message_type is not None and field.message_type.GetOptions().map_entry:
+            if isinstance(value, dict):
+                value_field = field.message_type.fields_by_name["value"]
+                for map_key, item in value.items():
+                    value[map_key] = _align_scalar(value_field, item)
+        elif field.is_repeated:
+            if isinstance(value, list):
+                body[key] = [_align_scalar(field, item) for item in value]
+        else:
+            body[key] = _align_scalar(field, value)
+    return body

@@ -29,7 +29,7 @@ from google.protobuf.message import Message
 from starlette.requests import Request
 from starlette.responses import Response
 
-from genrpc.bridge.encoding import dumps, loads_object, message_to_dict, quote
+from genrpc.bridge.encoding import align_with_transcoder, dumps, loads_object, message_to_dict, quote
 from genrpc.bridge.errors import OpenAIError, from_rpc_error, http_error
 from genrpc.bridge.observability import annotate
 from genrpc.bridge.stream import DISCONNECTED, Renderer, SSEResponse, call_options, first_message
@@ -205,7 +205,9 @@ def _max_tokens(req: Message) -> int | None:
 
 
 def error_response(err: OpenAIError) -> Response:
-    headers = {"retry-after": err.retry_after_s} if err.retry_after_s else None
+    # a 429 says when to retry (the computed wait of a per-client limit, else 1 s), as Envoy does on its path
+    headers = ({"retry-after": err.retry_after_s} if err.retry_after_s
+               else {"retry-after": "1"} if err.status == 429 else None)
     return Response(err.json_bytes(), status_code=err.status, media_type="application/json", headers=headers)
 
 
@@ -218,6 +220,7 @@ def endpoint_handler(endpoint: Endpoint) -> Callable[[Request], Awaitable[Respon
         except ValueError as e:
             return error_response(http_error(400, f"We could not parse the JSON body of your request: {e}."))
         try:
+            body = align_with_transcoder(body, endpoint.request_cls.DESCRIPTOR)
             req = json_format.ParseDict(body, endpoint.request_cls(), ignore_unknown_fields=True)
         except (json_format.ParseError, ValueError, TypeError, RecursionError) as e:
             return error_response(http_error(400, f"Invalid request body: {e}"))

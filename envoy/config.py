@@ -52,12 +52,15 @@ CORS_ALLOW_HEADERS = [
 ]
 # Response headers a browser client may read (x-request-id for support; retry-after for the SDKs' backoff on 429).
 CORS_EXPOSE_HEADERS = ["x-request-id", "retry-after"]
+# Unary responses are buffered whole by the transcoder: n=16 choices with logprobs run to megabytes. Not a request
+# limit, so not tied to max_request_bytes.
+MAX_RESPONSE_BYTES = 64 * 1024 * 1024
 RATE_LIMIT_MESSAGE = "Rate limit reached: this endpoint allows {rps} requests per second. Retry after a second."
 CLIENT_RATE_LIMIT_MESSAGE = ("Rate limit reached for client {client}: {rps} requests per second (rps in the API keys "
                              "file). Retry after a second.")
 BEARER_MESSAGE = "Invalid Authorization header: expected `Authorization: Bearer <API key>`."
 # render()'s optional limits and their defaults (also `genrpc envoy-config`'s flags)
-DEFAULT_LIMITS = {"max_request_bytes": 32 * 1024 * 1024, "unary_timeout_s": 900, "stream_idle_timeout_s": 900}
+DEFAULT_LIMITS = {"max_request_bytes": 4 * 1024 * 1024, "unary_timeout_s": 900, "stream_idle_timeout_s": 900}
 # render()'s slow-client timeouts and their defaults (also Settings fields of the same names)
 DEFAULT_TIMEOUTS = {"request_headers_timeout_s": 10, "request_timeout_s": 60, "idle_timeout_s": 300}
 
@@ -192,7 +195,9 @@ def render(*, listen_host: str, listen_port: int, admin_port: int, grpc_host: st
         health_check_interval_s=_duration(health_check_interval_s),
         health_check_timeout_s=_duration(min(health_check_interval_s, 5.0)), descriptor_path=str(descriptor_path),
         service_name=SERVICE_NAME, transcoder_name=TRANSCODER, metadata_namespace=METADATA_NAMESPACE,
-        max_request_bytes=int(max_request_bytes), unary_timeout_s=int(unary_timeout_s),
+        max_request_bytes=int(max_request_bytes), max_response_bytes=MAX_RESPONSE_BYTES,
+        too_large_message=f"The request body is larger than {int(max_request_bytes)} bytes (limit max_request_bytes).",
+        unary_timeout_s=int(unary_timeout_s),
         stream_idle_timeout_s=int(stream_idle_timeout_s),
         api_keys=sorted((api_keys or {}).items()), client_id_header=CLIENT_ID_HEADER,
         cors_origins=origins, cors_allow_headers=CORS_ALLOW_HEADERS, cors_expose_headers=CORS_EXPOSE_HEADERS,

@@ -57,6 +57,46 @@ read_value = function(s, i)
   return n, i + #literal
 end
 
+-- `s` with every byte that is not part of a well-formed UTF-8 sequence replaced by U+FFFD: Envoy echoes the
+-- client's bytes into some of its error messages (e.g. the transcoder's JSON parse errors), and an error body a
+-- strict client cannot decode is no error message at all. Bytes >= 0x80 are never JSON syntax, so replacing them
+-- keeps a JSON document's structure.
+local REPLACEMENT = "\239\191\189"
+local function clean_utf8(s)
+  if not s:find("[\128-\255]") then return s end
+  local out, i, n = {}, 1, #s
+  while i <= n do
+    local c = s:byte(i)
+    local len, low, high = 0, 0x80, 0xBF
+    if c < 0x80 then len = 1
+    elseif c >= 0xC2 and c <= 0xDF then len = 2
+    elseif c >= 0xE0 and c <= 0xEF then
+      len = 3
+      if c == 0xE0 then low = 0xA0 elseif c == 0xED then high = 0x9F end
+    elseif c >= 0xF0 and c <= 0xF4 then
+      len = 4
+      if c == 0xF0 then low = 0x90 elseif c == 0xF4 then high = 0x8F end
+    end
+    local ok = len > 0 and i + len - 1 <= n
+    if ok and len > 1 then
+      local b = s:byte(i + 1)
+      ok = b >= low and b <= high
+      for k = 2, len - 1 do
+        b = s:byte(i + k)
+        ok = ok and b >= 0x80 and b <= 0xBF
+      end
+    end
+    if ok then
+      out[#out + 1] = s:sub(i, i + len - 1)
+      i = i + len
+    else
+      out[#out + 1] = REPLACEMENT
+      i = i + 1
+    end
+  end
+  return table.concat(out)
+end
+
 local function is_json_string(v) return type(v) == "string" and v:sub(1, 1) == '"' end
 
 -- A Lua string as a JSON string (for the plain-text errors, which are not JSON yet).
@@ -109,6 +149,12 @@ end
 local GRPC_HEADERS = {"grpc-status", "grpc-message", "grpc-status-details-bin", "grpc-accept-encoding",
                       "grpc-encoding", "x-envoy-upstream-service-time"}
 
+-- A 429 (the service's admission control, the engine's queue, the rate limit) tells clients when to retry; the
+-- OpenAI SDKs honour `retry-after`.
+local function add_retry_after(headers, http_status)
+  if http_status == 429 and headers:get("retry-after") == nil then headers:add("retry-after", "1") end
+end
+
 function envoy_on_response(handle)
   local headers = handle:headers()
   local content_type = headers:get("content-type") or ""
@@ -116,17 +162,23 @@ function envoy_on_response(handle)
   for _, name in ipairs(GRPC_HEADERS) do headers:remove(name) end
   local http_status = tonumber(headers:get(":status")) or 200
   if http_status < 400 then return end
+  add_retry_after(headers, http_status)
   local is_json = content_type:find("application/json", 1, true) == 1
   if not is_json and content_type ~= "" and content_type:find("text/plain", 1, true) ~= 1 then return end
   local body = handle:body()
   if body == nil or body:length() == 0 then return end
-  local raw = body:getBytes(0, body:length())
+  local raw = clean_utf8(body:getBytes(0, body:length()))
   local out, retry_after
   if is_json then
-    -- a google.rpc.Status from convert_grpc_status -> OpenAI error; anything else (already OpenAI) is kept
+    -- a google.rpc.Status from convert_grpc_status -> OpenAI error; anything else (already OpenAI) is kept, made
+    -- valid UTF-8 (local_reply_config's %LOCAL_REPLY_BODY% may hold the client's raw bytes)
     local ok, status = pcall(read_value, raw, 1)
-    if not ok or type(status) ~= "table" or status.error ~= nil or type(status.code) ~= "number" then return end
-    http_status, out, retry_after = shape(status)
+    if not ok or type(status) ~= "table" or status.error ~= nil or type(status.code) ~= "number" then
+      if raw == body:getBytes(0, body:length()) then return end
+      out = raw
+    else
+      http_status, out, retry_after = shape(status)
+    end
   else
     -- a plain-text error (e.g. the transcoder's reply to malformed JSON) -> OpenAI error
     local message = raw:gsub("^%s+", ""):gsub("%s+$", "")
@@ -135,6 +187,7 @@ function envoy_on_response(handle)
     out = openai_error(json_string(message), type_, "null", "null")
   end
   headers = handle:headers()  -- the earlier handle is out of scope once body() has yielded
+  add_retry_after(headers, http_status)
   headers:replace(":status", tostring(http_status))
   headers:replace("content-type", "application/json")
   headers:replace("content-length", tostring(#out))

@@ -177,7 +177,7 @@ def envoy_yaml(settings: Settings, *, listen_host: str | None = None, grpc_host:
     `genrpc up` and `genrpc envoy-config`). Hosts default to --host; `--api-keys-file` turns on Bearer-key auth,
     `--cors-allowed-origins` CORS, `--rate-limit-rps` the rate limit; `--grpc-upstreams` lists the service
     replicas (default: the one at grpc_host:grpc_port). `options`: render's optional limits
-    (max_request_bytes, unary_timeout_s, stream_idle_timeout_s). The descriptor defaults to the installed one."""
+    (unary_timeout_s, stream_idle_timeout_s). The descriptor defaults to the installed one."""
     from genrpc.envoy import config as envoy_config
 
     keys_file = envoy_config.read_keys_file(settings.api_keys_file) if settings.api_keys_file else None
@@ -198,6 +198,7 @@ def envoy_yaml(settings: Settings, *, listen_host: str | None = None, grpc_host:
         cors_allowed_origins=settings.cors_origins(), rate_limit_rps=settings.rate_limit_rps, tls=tls,
         request_headers_timeout_s=settings.request_headers_timeout_s, request_timeout_s=settings.request_timeout_s,
         idle_timeout_s=settings.idle_timeout_s,
+        max_request_bytes=settings.max_request_bytes,
         grpc_upstreams=envoy_config.parse_upstreams(settings.grpc_upstreams) or None,
         health_check_interval_s=settings.envoy_health_check_interval_s, stats_port=settings.envoy_stats_port,
         **options)
@@ -206,7 +207,7 @@ def envoy_yaml(settings: Settings, *, listen_host: str | None = None, grpc_host:
 ENVOY_SETTINGS = ["host", "grpc_port", "bridge_port", "envoy_port", "envoy_admin_port", "envoy_stats_port",
                   "api_keys_file", "cors_allowed_origins", "rate_limit_rps", "tls_cert_file", "tls_key_file",
                   "tls_client_ca_file", "request_headers_timeout_s", "request_timeout_s", "idle_timeout_s",
-                  "grpc_upstreams", "envoy_health_check_interval_s"]
+                  "grpc_upstreams", "envoy_health_check_interval_s", "max_request_bytes"]
 
 
 def cmd_envoy_config(settings: Settings, args: argparse.Namespace) -> int:
@@ -214,7 +215,7 @@ def cmd_envoy_config(settings: Settings, args: argparse.Namespace) -> int:
     try:
         text = envoy_yaml(settings, listen_host=args.listen_host, grpc_host=args.grpc_host,
                           bridge_host=args.bridge_host, descriptor=args.descriptor,
-                          max_request_bytes=args.max_request_bytes, unary_timeout_s=args.unary_timeout_s,
+                          unary_timeout_s=args.unary_timeout_s,
                           stream_idle_timeout_s=args.stream_idle_timeout_s)
     except (OSError, ValueError) as error:
         print(f"genrpc envoy-config: error: {error}", file=sys.stderr)
@@ -262,6 +263,8 @@ def main(argv: list[str] | None = None) -> int:
                        help="path of the proto descriptor set as Envoy will see it (not read here) "
                             "[default: the one installed with genrpc, genrpc/envoy/genrpc.pb]")
     for name, default in DEFAULT_LIMITS.items():
+        if name in Settings.model_fields:
+            continue  # a setting (e.g. --max-request-bytes): one flag, one default
         envoy.add_argument("--" + name.replace("_", "-"), type=int, default=default,
                            help=f"see genrpc.envoy.config.render [default {default}]")
     envoy.add_argument("--output", "-o", default="-", help="file to write (replaced atomically; - = stdout)")

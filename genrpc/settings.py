@@ -85,7 +85,22 @@ class Settings(BaseSettings):
                                       "(costs ~1.6x single-stream speed)")
     responses_retention_s: float = Field(30 * 24 * 3600, gt=0, description="seconds the Responses API keeps a "
                                          "stored response (SQLite file under cache_dir, one per replica)")
-    default_max_tokens: int = Field(0, description="chat max tokens when a request sets none (0 = rest of context)")
+    default_max_tokens: int = Field(0, description="chat max tokens when a request sets none (0 = "
+                                                   "max_tokens_limit, or the rest of the context if that is 0)")
+
+    # --- request limits (README "Limits"): a request over one is refused (400/413) naming the limit ---
+    max_request_bytes: int = Field(4 * 1024 * 1024, description="request body bytes (Envoy 413 beyond, before "
+                                                                "any parsing; the bridge and the service too)")
+    max_messages: int = Field(1024, description="chat messages per request")
+    max_prompt_tokens: int = Field(0, description="prompt tokens per request (0 = the model's context window); "
+                                                  "prompts over 32 characters per allowed token are refused "
+                                                  "before tokenising")
+    max_n: int = Field(16, description="choices per request (n, times the prompts of a completion)")
+    max_stop: int = Field(4, description="stop strings per request")
+    max_logit_bias: int = Field(300, description="logit_bias entries per request")
+    max_tokens_limit: int = Field(2048, description="ceiling on generated tokens per choice: the default when a "
+                                                    "request sets no max_tokens, and larger requests are refused "
+                                                    "(0 = none: the rest of the context)")
     stream_interval: int = Field(0, ge=0, description="streaming: send deltas every N tokens (the first at once); "
                                                       "0 = adaptive: each message carries whatever tokens are "
                                                       "ready when the stream can take it, never delayed. A "
@@ -122,6 +137,14 @@ class Settings(BaseSettings):
     # --- operations ---
     log_level: str = Field("info", description="log level: debug, info, warning, error")
     shutdown_grace_s: float = Field(30.0, description="seconds running streams get to finish on SIGTERM")
+
+    def limits(self):
+        """The per-request limits the service enforces (genrpc.service.validation.Limits)."""
+        from genrpc.service.validation import Limits
+
+        return Limits(max_messages=self.max_messages, max_stop=self.max_stop, max_n=self.max_n,
+                      max_logit_bias=self.max_logit_bias, max_prompt_tokens=self.max_prompt_tokens,
+                      max_tokens_limit=self.max_tokens_limit)
 
     def grpc_address(self) -> str:
         return self.grpc_target or f"{self.host}:{self.grpc_port}"

@@ -7,6 +7,7 @@ place that turns a ServiceError into a gRPC status. service.interceptor applies 
 
 from __future__ import annotations
 
+import datetime
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -28,9 +29,11 @@ class ServiceError(Exception):
     reason: str = "INTERNAL"
 
     def __init__(self, message: str, *, reason: str | None = None,
-                 field_violations: Iterable[tuple[str, str]] = (), metadata: dict[str, str] | None = None):
+                 field_violations: Iterable[tuple[str, str]] = (), metadata: dict[str, str] | None = None,
+                 retry_delay_s: float | None = None):
         super().__init__(message)
         self.message = message
+        self.retry_delay_s = retry_delay_s  # sent as google.rpc.RetryInfo (REST: Envoy's `retry-after`)
         if reason is not None:
             self.reason = reason
         self.field_violations = list(field_violations)
@@ -87,6 +90,10 @@ def to_rpc_status(error: ServiceError) -> status_pb2.Status:
         details.append(error_details_pb2.BadRequest(field_violations=[
             error_details_pb2.BadRequest.FieldViolation(field=f, description=d) for f, d in error.field_violations
         ]))
+    if error.retry_delay_s is not None:
+        retry = error_details_pb2.RetryInfo()
+        retry.retry_delay.FromTimedelta(datetime.timedelta(seconds=error.retry_delay_s))
+        details.append(retry)
     packed = []
     for detail in details:
         any_detail = any_pb2.Any()
@@ -115,7 +122,8 @@ def to_service_error(exc: BaseException) -> ServiceError:
 _ENGINE_ERRORS: list[tuple[type[EngineError], Callable[[Any], ServiceError]]] = [
     (EngineUnsupported, lambda e: UnsupportedParameter(e.field, e.message)),
     (EngineBadRequest, lambda e: InvalidArgument(e.field, e.message)),
-    (EngineOverloaded, lambda e: Overloaded(e.message or "The server is at capacity; retry later.")),
+    (EngineOverloaded, lambda e: Overloaded(e.message or "The server is at capacity; retry later.",
+                                            retry_delay_s=1.0)),
     (EngineUnavailable, lambda e: NotReady(e.message or "The engine is not serving.")),
     (EngineInternalError, lambda e: EngineFailure(e.message)),
     (EngineError, lambda e: EngineFailure(e.message)),

@@ -28,7 +28,7 @@ from typing import Any
 import grpc
 
 from genrpc.service.client_limits import CLIENT_ID_METADATA, TokensPerMinute, current_client
-from genrpc.service.errors import ServiceError, abort, to_service_error
+from genrpc.service.errors import InvalidArgument, ServiceError, abort, to_service_error
 from genrpc.service.metrics import RequestRecord, ServiceMetrics, current_request
 from genrpc.telemetry import Tracing, metadata_carrier, ns_at
 
@@ -38,6 +38,33 @@ access_log = logging.getLogger("genrpc.access")
 # GenAI semconv operation names of the generating RPCs (the others are plain RPC spans).
 _OPERATIONS = {"Chat": "chat", "CreateChatCompletion": "chat", "Generate": "text_completion",
                "CreateCompletion": "text_completion"}
+
+
+class _Undecodable:
+    """A request whose bytes are not a valid message. gRPC would answer INTERNAL for a deserializer failure; it is
+    the caller's bad input (e.g. Envoy's transcoder turns `"logit_bias": {"x": {}}` into a corrupt map entry)."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError, or anything a corrupt message raises
+            return _Undecodable(str(exc) or type(exc).__name__)
+    return deserialize
+
+
+def _check_decoded(request: Any) -> None:
+    if isinstance(request, _Undecodable):
+        raise InvalidArgument("body", f"The request could not be decoded ({request.reason}); a field has a value "
+                                      "of the wrong type (e.g. an object where a number is expected).",
+                              reason="MALFORMED_REQUEST")
 
 
 class ServiceInterceptor(grpc.aio.ServerInterceptor):
@@ -59,11 +86,13 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         method = full_method.rsplit("/", 1)[-1]
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
-                self._unary(method, handler.unary_unary), request_deserializer=handler.request_deserializer,
+                self._unary(method, handler.unary_unary),
+                request_deserializer=_tolerant(handler.request_deserializer),
                 response_serializer=handler.response_serializer)
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
-                self._stream(method, handler.unary_stream), request_deserializer=handler.request_deserializer,
+                self._stream(method, handler.unary_stream),
+                request_deserializer=_tolerant(handler.request_deserializer),
                 response_serializer=handler.response_serializer)
         raise TypeError(f"{full_method}: client-streaming RPCs are not wrapped by ServiceInterceptor")
 
@@ -72,6 +101,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             with self._observed(method, context) as outcome:
                 try:
                     self._admit(context)
+                    _check_decoded(request)
                     return await behaviour(request, context)
                 except BaseException as exc:  # noqa: BLE001 - every failure becomes a precise status
                     await self._fail(method, context, exc, outcome)
@@ -82,6 +112,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             with self._observed(method, context) as outcome:
                 try:
                     self._admit(context)
+                    _check_decoded(request)
                     async with contextlib.aclosing(behaviour(request, context)) as replies:
                         async for reply in replies:
                             yield reply

@@ -53,12 +53,14 @@ class GenrpcServer:
         tokens_per_minute = TokensPerMinute(client_tpm(settings))
         self.response_store = ResponseStore(settings.cache_dir / "responses.sqlite3", settings.responses_retention_s)
         self.servicer = GenerationServicer(engine, self.metrics, default_max_tokens=settings.default_max_tokens,
+                                           limits=settings.limits(),
+                                           capacity=settings.max_batch_size + settings.max_queue,
                                            stream_interval=settings.stream_interval,
                                            response_store=self.response_store, tokens_per_minute=tokens_per_minute)
         self.health = health.aio.HealthServicer()
         self.grpc_server = grpc.aio.server(
             interceptors=[ServiceInterceptor(self.metrics, (SERVICE_NAME,), self.tracing, tokens_per_minute)],
-            options=[("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
+            options=[("grpc.max_receive_message_length", settings.max_request_bytes),
                      ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
                      # Envoy pings every 30 s (connection_keepalive). gRPC's default allows one ping per 5 min
                      # while the server sends nothing, so a unary call generating for over ~90 s, or an idle

@@ -20,7 +20,7 @@ from genrpc.service.client_limits import TokensPerMinute, current_client
 from genrpc.service.choices import ChoiceEvent, ChoiceSpec, run_choices
 from genrpc.service.constraints import Constraint, forced_tool_call_grammar, response_format_constraint
 from genrpc.service.engines.base import Engine, SamplingParams, TokenLogprob
-from genrpc.service.errors import ContextLengthExceeded, InvalidArgument, ModelNotFound, NotReady
+from genrpc.service.errors import ContextLengthExceeded, InvalidArgument, ModelNotFound, NotReady, Overloaded
 from genrpc.service.metrics import ServiceMetrics, current_request
 from genrpc.service.prompts import fit_messages_to_budget, message_images, render_chat
 from genrpc.service.responses import NULL, string_value
@@ -57,7 +57,11 @@ class _Prepared:
 
 
 class GenerationServicer(ResponsesMixin, generation_service_pb2_grpc.GenerationServiceServicer):
+    """`capacity` (batch slots + queue) bounds the choices admitted at once: a request beyond it is refused with
+    RESOURCE_EXHAUSTED before any parsing or templating (0 = no admission control, the engine's queue decides)."""
+
     def __init__(self, engine: Engine, metrics: ServiceMetrics, *, default_max_tokens: int = 0,
+                 limits: validation.Limits = validation.DEFAULT_LIMITS, capacity: int = 0,
                  stream_interval: int = 0, response_store: ResponseStore | None = None,
                  tokens_per_minute: TokensPerMinute | None = None):
         self._response_store = response_store  # the Responses API's store (service/responses_api.py)
@@ -66,8 +70,47 @@ class GenerationServicer(ResponsesMixin, generation_service_pb2_grpc.GenerationS
         self._stream_interval = stream_interval  # server default; a request's stream_interval overrides it
         self._metrics = metrics
         self._default_max_tokens = default_max_tokens
+        self._limits = limits
+        self._capacity = capacity
+        self._admitted = 0  # choices admitted and not finished (running, queued, or being prepared)
         self._ready = False
         self._created = int(time.time())
+
+    @property
+    def admitted(self) -> int:
+        return self._admitted
+
+    # ---- admission -------------------------------------------------------------------------------------
+
+    def _cost(self, request: chat_pb2.ChatCompletionRequest | completion_pb2.CompletionRequest) -> int:
+        """Engine requests this RPC will hold (n per prompt), read from the raw message without validating it."""
+        n = min(max(request.n, 1), self._limits.max_n) if request.HasField("n") else 1
+        prompts = 1
+        if isinstance(request, completion_pb2.CompletionRequest) and request.prompt.HasField("list_value"):
+            items = request.prompt.list_value.values
+            if items and items[0].HasField("list_value") or items and items[0].HasField("string_value"):
+                prompts = len(items)
+        return max(1, min(n * prompts, self._capacity))
+
+    @contextlib.contextmanager
+    def _admission(self, request):
+        """Holds the request's share of capacity for the whole RPC; refuses it at once when the server is full.
+        Runs first in every generating RPC: the O(1) decision comes before validation, templating, tokenising."""
+        if not self._capacity:
+            yield
+            return
+        cost = self._cost(request)
+        if self._admitted + cost > self._capacity:
+            raise Overloaded(
+                f"The server is at capacity ({self._engine.running_requests} running, "
+                f"{self._engine.waiting_requests} queued; limit max_batch_size + max_queue = {self._capacity}). "
+                f"Retry after a second.",
+                metadata={"limit": "max_queue", "limit_value": str(self._capacity)}, retry_delay_s=1.0)
+        self._admitted += cost
+        try:
+            yield
+        finally:
+            self._admitted -= cost
 
     def mark_ready(self) -> None:
         self._ready = True
@@ -83,6 +126,14 @@ class GenerationServicer(ResponsesMixin, generation_service_pb2_grpc.GenerationS
         if model != self._engine.model_info.model_id:
             raise ModelNotFound(model)
 
+    def _check_prompt_tokens(self, field_name: str, prompt_tokens: int) -> None:
+        limit = self._limits.max_prompt_tokens
+        if limit and prompt_tokens > limit:
+            raise InvalidArgument(field_name, f"The prompt has {prompt_tokens} tokens; at most {limit} are allowed "
+                                              f"(limit max_prompt_tokens).", reason="LIMIT_EXCEEDED",
+                                  metadata={"limit": "max_prompt_tokens", "limit_value": str(limit),
+                                            "prompt_tokens": str(prompt_tokens)})
+
     def _max_tokens(self, prompt_tokens: int, requested: int | None) -> int:
         context = self._engine.model_info.context_length_tokens
         if requested is None:
@@ -92,7 +143,8 @@ class GenerationServicer(ResponsesMixin, generation_service_pb2_grpc.GenerationS
                     "messages", f"This model's maximum context length is {context} tokens, but the prompt has "
                                 f"{prompt_tokens} tokens, leaving no room for a completion.",
                     metadata={"prompt_tokens": str(prompt_tokens), "context_length_tokens": str(context)})
-            return min(available, self._default_max_tokens) if self._default_max_tokens else available
+            ceiling = min(x for x in (self._default_max_tokens, self._limits.max_tokens_limit, available) if x > 0)
+            return ceiling
         if prompt_tokens + requested > context:
             raise ContextLengthExceeded(
                 "max_tokens", f"This model's maximum context length is {context} tokens. However, you requested "
@@ -129,12 +181,14 @@ class GenerationServicer(ResponsesMixin, generation_service_pb2_grpc.GenerationS
 
     async def _prepare_chat(self, request: chat_pb2.ChatCompletionRequest) -> _Prepared:
         self._check_ready()  # model_info (accepts_images) and the tokenizer exist once the engine started
+        validation.check_sizes(request, self._limits, self._engine.model_info.context_length_tokens)
         job = validation.chat_job(request, vocab_size=self._engine.tokenizer.vocab_size,
-                                  image_input=self._engine.model_info.accepts_images)
+                                  image_input=self._engine.model_info.accepts_images, limits=self._limits)
         self._check_model(job.model)
         # Prompt tokens count each image as its template placeholder; the engine expands it (and reports the
         # real prompt_tokens) and refuses a prompt that ends up over its context.
         ids, dropped, images = await asyncio.to_thread(self._render_chat, job)
+        self._check_prompt_tokens("messages", len(ids))
         max_tokens = self._max_tokens(len(ids), job.decoding.max_tokens)
         if job.tool_choice == "required" or isinstance(job.tool_choice, dict):
             forced = job.tools if job.tool_choice == "required" else [
@@ -149,12 +203,15 @@ class GenerationServicer(ResponsesMixin, generation_service_pb2_grpc.GenerationS
         return _Prepared(job.model, specs, len(ids), job.decoding, dropped_messages=dropped)
 
     async def _prepare_completion(self, request: completion_pb2.CompletionRequest) -> _Prepared:
-        job = validation.completion_job(request, vocab_size=self._engine.tokenizer.vocab_size)
+        self._check_ready()
+        validation.check_sizes(request, self._limits, self._engine.model_info.context_length_tokens)
+        job = validation.completion_job(request, vocab_size=self._engine.tokenizer.vocab_size, limits=self._limits)
         self._check_model(job.model)
         tokenizer = self._engine.tokenizer
         specs, echo_texts, prompt_tokens = [], {}, 0
         for prompt_index, prompt in enumerate(job.prompts):
             ids = await asyncio.to_thread(tokenizer.encode, prompt) if isinstance(prompt, str) else prompt
+            self._check_prompt_tokens(f"prompt[{prompt_index}]", len(ids))
             max_tokens = self._max_tokens(len(ids), job.decoding.max_tokens)
             prompt_tokens += len(ids)
             for j in range(job.decoding.n):
@@ -235,6 +292,12 @@ class GenerationServicer(ResponsesMixin, generation_service_pb2_grpc.GenerationS
         return responses.chat_logprobs(self._engine.tokenizer, items)
 
     async def Chat(self, request: chat_pb2.ChatCompletionRequest, context):
+        with self._admission(request):
+            async with contextlib.aclosing(self._chat_admitted(request)) as chunks:
+                async for chunk in chunks:
+                    yield chunk
+
+    async def _chat_admitted(self, request: chat_pb2.ChatCompletionRequest):
         if request.HasField("stream") and not request.stream:
             raise InvalidArgument("stream", "'stream' is false; call CreateChatCompletion for a whole response.")
         stream_interval = self._request_stream_interval(request)
@@ -289,6 +352,10 @@ class GenerationServicer(ResponsesMixin, generation_service_pb2_grpc.GenerationS
         return states, cached
 
     async def CreateChatCompletion(self, request: chat_pb2.ChatCompletionRequest, context):
+        with self._admission(request):
+            return await self._create_chat_completion_admitted(request)
+
+    async def _create_chat_completion_admitted(self, request: chat_pb2.ChatCompletionRequest):
         if request.stream:
             raise InvalidArgument("stream", "'stream' is true; call the streaming Chat RPC instead.")
         prepared = await self._prepare_chat(request)
@@ -315,6 +382,12 @@ class GenerationServicer(ResponsesMixin, generation_service_pb2_grpc.GenerationS
         return responses.completion_logprobs(self._engine.tokenizer, items, offset)
 
     async def Generate(self, request: completion_pb2.CompletionRequest, context):
+        with self._admission(request):
+            async with contextlib.aclosing(self._generate_admitted(request)) as chunks:
+                async for chunk in chunks:
+                    yield chunk
+
+    async def _generate_admitted(self, request: completion_pb2.CompletionRequest):
         if request.HasField("stream") and not request.stream:
             raise InvalidArgument("stream", "'stream' is false; call CreateCompletion for a whole response.")
         stream_interval = self._request_stream_interval(request)
@@ -341,6 +414,10 @@ class GenerationServicer(ResponsesMixin, generation_service_pb2_grpc.GenerationS
                 yield completion_pb2.Completion(**base, usage=usage)
 
     async def CreateCompletion(self, request: completion_pb2.CompletionRequest, context):
+        with self._admission(request):
+            return await self._create_completion_admitted(request)
+
+    async def _create_completion_admitted(self, request: completion_pb2.CompletionRequest):
         if request.stream:
             raise InvalidArgument("stream", "'stream' is true; call the streaming Generate RPC instead.")
         prepared = await self._prepare_completion(request)

@@ -21,11 +21,41 @@ from google.protobuf import json_format, struct_pb2
 from genrpc.v1 import chat_pb2, completion_pb2
 from genrpc.service.errors import InvalidArgument, UnsupportedParameter
 
-MAX_STOP_STRINGS = 4
-MAX_CHOICES = 16  # n x prompts; each choice takes a batch slot
 MAX_TOP_LOGPROBS = 20
 CHAT_ROLES = {"system", "developer", "user", "assistant", "tool"}
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-request limits (settings `--max-*`, README "Limits"). Each is checked before any expensive work and a
+    request over one is refused naming it. The cheap ones (counts) come first; the prompt's size is bounded in
+    characters before it is templated and tokenised (`max_prompt_chars`), then in tokens."""
+
+    max_messages: int = 1024
+    max_stop: int = 4
+    max_n: int = 16  # n x prompts; each choice takes a batch slot
+    max_logit_bias: int = 300
+    max_prompt_tokens: int = 0  # 0 = the model's context window
+    max_tokens_limit: int = 2048  # ceiling on generated tokens per choice; the default when a request sets none
+
+    # A token is rarely longer than this many characters (BPE vocabularies top out near 16-32 for runs of
+    # spaces or repeated characters), so a prompt over max_prompt_tokens x this is refused without tokenising.
+    CHARS_PER_TOKEN_BOUND = 32
+
+    def max_prompt_chars(self, context_tokens: int) -> int:
+        return self.prompt_token_limit(context_tokens) * self.CHARS_PER_TOKEN_BOUND
+
+    def prompt_token_limit(self, context_tokens: int) -> int:
+        return min(self.max_prompt_tokens, context_tokens) if self.max_prompt_tokens > 0 else context_tokens
+
+
+DEFAULT_LIMITS = Limits()
+
+
+def _over_limit(field_name: str, message: str, limit_name: str, limit: int) -> InvalidArgument:
+    return InvalidArgument(field_name, message, reason="LIMIT_EXCEEDED",
+                           metadata={"limit": limit_name, "limit_value": str(limit)})
 
 
 @dataclass(frozen=True)
@@ -120,7 +150,7 @@ def _in_range(request: Any, name: str, low: float, high: float, default: float, 
     return value
 
 
-def _parse_stop(request: Any) -> tuple[str, ...]:
+def _parse_stop(request: Any, limits: Limits) -> tuple[str, ...]:
     if not _has(request, "stop"):
         return ()
     value: struct_pb2.Value = request.stop
@@ -133,14 +163,19 @@ def _parse_stop(request: Any) -> tuple[str, ...]:
         stops = [v.string_value for v in value.list_value.values]
     else:
         raise InvalidArgument("stop", "'stop' must be a string or an array of strings.")
-    if len(stops) > MAX_STOP_STRINGS:
-        raise InvalidArgument("stop", f"'stop' holds {len(stops)} strings; at most {MAX_STOP_STRINGS} are allowed.")
+    if len(stops) > limits.max_stop:
+        raise _over_limit("stop", f"'stop' holds {len(stops)} strings; at most {limits.max_stop} are allowed "
+                                  f"(limit max_stop).", "max_stop", limits.max_stop)
     if any(s == "" for s in stops):
         raise InvalidArgument("stop", "'stop' strings must not be empty.")
     return tuple(stops)
 
 
-def _logit_bias(request: Any, vocab_size: int) -> dict[int, float]:
+def _logit_bias(request: Any, vocab_size: int, limits: Limits) -> dict[int, float]:
+    if len(request.logit_bias) > limits.max_logit_bias:
+        raise _over_limit("logit_bias", f"'logit_bias' has {len(request.logit_bias)} entries; at most "
+                                        f"{limits.max_logit_bias} are allowed (limit max_logit_bias).",
+                          "max_logit_bias", limits.max_logit_bias)
     bias = {}
     for key, value in request.logit_bias.items():
         if not key.isdigit() or int(key) >= vocab_size:
@@ -151,14 +186,22 @@ def _logit_bias(request: Any, vocab_size: int) -> dict[int, float]:
     return bias
 
 
-def _decoding(request: Any, max_tokens: int | None, logprobs: int | None, vocab_size: int) -> Decoding:
+def _decoding(request: Any, max_tokens: int | None, logprobs: int | None, vocab_size: int,
+              limits: Limits) -> Decoding:
     if request.model == "":
         raise InvalidArgument("model", "'model' is required.")
     n = request.n if _has(request, "n") else 1
-    if not 1 <= n <= MAX_CHOICES:
-        raise InvalidArgument("n", f"'n' must be between 1 and {MAX_CHOICES}, got {n}.")
+    if n < 1:
+        raise InvalidArgument("n", f"'n' must be at least 1, got {n}.")
+    if n > limits.max_n:
+        raise _over_limit("n", f"'n' is {n}; at most {limits.max_n} choices are allowed (limit max_n).",
+                          "max_n", limits.max_n)
     if max_tokens is not None and max_tokens < 1:
         raise InvalidArgument("max_tokens", f"'max_tokens' must be at least 1, got {max_tokens}.")
+    if max_tokens is not None and limits.max_tokens_limit and max_tokens > limits.max_tokens_limit:
+        raise _over_limit("max_tokens", f"'max_tokens' is {max_tokens}; this server generates at most "
+                                        f"{limits.max_tokens_limit} tokens per choice (limit max_tokens_limit).",
+                          "max_tokens_limit", limits.max_tokens_limit)
     top_k = request.top_k if _has(request, "top_k") else 0
     if top_k < -1:
         raise InvalidArgument("top_k", f"'top_k' must be -1 or 0 (off) or a positive count, got {top_k}.")
@@ -176,11 +219,11 @@ def _decoding(request: Any, max_tokens: int | None, logprobs: int | None, vocab_
         presence_penalty=_in_range(request, "presence_penalty", -2, 2, 0.0),
         repetition_penalty=_in_range(request, "repetition_penalty", 0, 10, 1.0, low_open=True),
         seed=request.seed if _has(request, "seed") else None,
-        logit_bias=_logit_bias(request, vocab_size),
+        logit_bias=_logit_bias(request, vocab_size, limits),
         logprobs=logprobs,
         ignore_eos=request.ignore_eos if _has(request, "ignore_eos") else False,
         min_tokens=min_tokens,
-        stop=_parse_stop(request),
+        stop=_parse_stop(request, limits),
         include_usage=request.stream_options.include_usage if _has(request, "stream_options") else False,
         n=n,
     )
@@ -371,7 +414,33 @@ def _response_format(request: chat_pb2.ChatCompletionRequest) -> dict[str, Any] 
     return response_format if kind in ("json_object", "json_schema") else None
 
 
-def chat_job(request: chat_pb2.ChatCompletionRequest, *, vocab_size: int, image_input: bool = False) -> ChatJob:
+def _check_prompt_chars(field_name: str, chars: int, limits: Limits, context_tokens: int) -> None:
+    bound = limits.max_prompt_chars(context_tokens)
+    if chars > bound:
+        tokens = limits.prompt_token_limit(context_tokens)
+        raise _over_limit(field_name, f"'{field_name}' holds {chars} characters, more than any prompt of at most "
+                                      f"{tokens} tokens can hold ({bound} characters; limit max_prompt_tokens).",
+                          "max_prompt_tokens", tokens)
+
+
+def check_sizes(request: chat_pb2.ChatCompletionRequest | completion_pb2.CompletionRequest, limits: Limits,
+                context_tokens: int) -> None:
+    """The cheap size checks, before any parsing, templating or tokenising: message count and prompt characters
+    (a 20 MB prompt is refused in microseconds instead of being tokenised for half a minute)."""
+    if isinstance(request, chat_pb2.ChatCompletionRequest):
+        if len(request.messages) > limits.max_messages:
+            raise _over_limit("messages", f"'messages' holds {len(request.messages)} messages; at most "
+                                          f"{limits.max_messages} are allowed (limit max_messages).",
+                              "max_messages", limits.max_messages)
+        # ByteSize is computed in C (upb) without decoding the strings: an upper bound of the text's characters
+        _check_prompt_chars("messages", sum(m.ByteSize() for m in request.messages) + sum(
+            t.ByteSize() for t in request.tools), limits, context_tokens)
+    elif request.HasField("prompt"):
+        _check_prompt_chars("prompt", request.prompt.ByteSize(), limits, context_tokens)
+
+
+def chat_job(request: chat_pb2.ChatCompletionRequest, *, vocab_size: int, image_input: bool = False,
+             limits: Limits = DEFAULT_LIMITS) -> ChatJob:
     if _has(request, "max_tokens") and _has(request, "max_completion_tokens") \
             and request.max_tokens != request.max_completion_tokens:
         raise InvalidArgument("max_completion_tokens",
@@ -386,7 +455,7 @@ def chat_job(request: chat_pb2.ChatCompletionRequest, *, vocab_size: int, image_
             raise InvalidArgument("top_logprobs", f"'top_logprobs' must be between 0 and {MAX_TOP_LOGPROBS}.")
     if request.logprobs:
         logprobs = request.top_logprobs
-    decoding = _decoding(request, max_tokens, logprobs, vocab_size)
+    decoding = _decoding(request, max_tokens, logprobs, vocab_size, limits)
     _refuse_if(request.reasoning_effort != "", "reasoning_effort", "applies to reasoning models; none is served here")
     _refuse_if(request.verbosity != "", "verbosity",
                "has no effect on the served models, so it is refused rather than ignored; ask for brevity in the "
@@ -436,19 +505,21 @@ def _prompts(request: completion_pb2.CompletionRequest, vocab_size: int) -> list
     return out
 
 
-def completion_job(request: completion_pb2.CompletionRequest, *, vocab_size: int) -> CompletionJob:
+def completion_job(request: completion_pb2.CompletionRequest, *, vocab_size: int,
+                   limits: Limits = DEFAULT_LIMITS) -> CompletionJob:
     max_tokens = request.max_tokens if _has(request, "max_tokens") else DEFAULT_COMPLETION_MAX_TOKENS
     logprobs = None
     if _has(request, "logprobs"):
         if not 0 <= request.logprobs <= MAX_TOP_LOGPROBS:
             raise InvalidArgument("logprobs", f"'logprobs' must be between 0 and {MAX_TOP_LOGPROBS}.")
         logprobs = request.logprobs
-    decoding = _decoding(request, max_tokens, logprobs, vocab_size)
+    decoding = _decoding(request, max_tokens, logprobs, vocab_size, limits)
     echo = request.echo if _has(request, "echo") else False
     _refuse_if(echo and logprobs is not None, "logprobs", "with 'echo' (prompt logprobs) is not supported")
     _refuse_if(request.suffix != "", "suffix", "(insertion) is not supported by the served models")
     _refuse_if(_has(request, "best_of") and request.best_of != 1, "best_of", "must be 1 on this server; use 'n'")
     prompts = _prompts(request, vocab_size)
-    if len(prompts) * decoding.n > MAX_CHOICES:
-        raise InvalidArgument("n", f"{len(prompts)} prompts x n={decoding.n} asks for more than {MAX_CHOICES} choices.")
+    if len(prompts) * decoding.n > limits.max_n:
+        raise _over_limit("n", f"{len(prompts)} prompts x n={decoding.n} asks for more than {limits.max_n} choices "
+                               f"(limit max_n).", "max_n", limits.max_n)
     return CompletionJob(model=request.model, prompts=prompts, decoding=decoding, echo=echo)

@@ -3,6 +3,8 @@ bundled model) once per session on free loopback ports, waits for readiness, and
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import os
 import socket
 import sys
@@ -27,15 +29,18 @@ class Stack:
         self.envoy_stats_url = f"http://127.0.0.1:{ports['envoy_stats_port']}/stats/prometheus"
 
 
-@pytest.fixture(scope="session")
-def stack(tmp_path_factory):
+@contextlib.contextmanager
+def running_stack(directory, settings_env: dict[str, str] | None = None):
+    """`genrpc up` on free loopback ports with extra GENRPC_* settings; yields a Stack once it is ready."""
     ports = {name: free_port() for name in ("grpc_port", "bridge_port", "envoy_port", "envoy_admin_port",
                                             "envoy_stats_port", "metrics_port", "bridge_metrics_port")}
     env = {f"GENRPC_{name.upper()}": str(port) for name, port in ports.items()}
     env["GENRPC_SHUTDOWN_GRACE_S"] = "2"
-    log_path = tmp_path_factory.mktemp("stack") / "genrpc-up.log"
+    env.update(settings_env or {})
+    log_path = directory / "genrpc-up.log"
     child = processes.spawn("genrpc up", [sys.executable, "-m", "genrpc.cli", "up", "--envoy-base-id",
-                                          str(os.getpid() % 10000 + 100)], env=env, log_path=str(log_path))
+                                          str((os.getpid() + next(_stacks) * 7) % 10000 + 100)], env=env,
+                            log_path=str(log_path))
     try:
         processes.wait_until(processes.http_ok(f"http://127.0.0.1:{ports['envoy_admin_port']}/ready"), child,
                              900, "ready (Envoy admin /ready)")
@@ -47,3 +52,12 @@ def stack(tmp_path_factory):
         for name, port in ports.items():
             with socket.socket() as s:
                 assert s.connect_ex(("127.0.0.1", port)) != 0, f"{name} {port} still open after stop"
+
+
+_stacks = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory):
+    with running_stack(tmp_path_factory.mktemp("stack")) as running:
+        yield running

@@ -624,10 +624,19 @@ async def test_api_keys_file_enforced_by_envoy(tmp_path, backend, bridge):
                 method, _, md = backend[0].calls[-1]
                 assert method == "CreateChatCompletion" and md["x-client-id"] == client and "authorization" not in md
             assert len(backend[0].calls) == calls_before + 2  # the rejected requests never reached the service
-            # a bare key (no "Bearer ") is refused although api_key_auth alone would accept it
-            resp = await http.post("/v1/chat/completions", json=chat_body(), headers={"authorization": "sk-file-1"})
-            assert assert_openai_error(resp, 401)["code"] == "invalid_api_key"
+            # api_key_auth alone would accept the bare key; genrpc requires the Bearer scheme (OpenAI's)
+            for bare in ("sk-file-1", "Basic sk-file-1", "Bearersk-file-1", "bearer sk-file-1"):
+                for body in (chat_body(), chat_body(stream=True)):
+                    resp = await http.post("/v1/chat/completions", json=body, headers={"authorization": bare})
+                    error = assert_openai_error(resp, 401, type_="invalid_request_error")
+                    assert error["code"] == "invalid_api_key" and "Bearer" in error["message"], error
             assert len(backend[0].calls) == calls_before + 2
+        async with grpc.aio.insecure_channel(f"{HOST}:{port}") as channel:
+            stub = generation_service_pb2_grpc.GenerationServiceStub(channel)
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await stub.ListModels(model_pb2.ListModelsRequest(), metadata=[("authorization", "sk-file-1")])
+            assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            await stub.ListModels(model_pb2.ListModelsRequest(), metadata=[("authorization", "Bearer sk-file-1")])
         async with openai.AsyncOpenAI(base_url=f"http://{HOST}:{port}/v1", api_key="sk-file-2", max_retries=0,
                                       _strict_response_validation=True) as good:
             stream = await good.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],

@@ -15,6 +15,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from google.protobuf import struct_pb2
+
 from genrpc.v1 import chat_pb2, generation_service_pb2_grpc
 
 TIMEOUT = httpx.Timeout(15.0)
@@ -58,14 +60,6 @@ FIELDS = ["model", "messages", "max_tokens", "max_completion_tokens", "temperatu
           "min_tokens", "top_a", "response_format", "stream_options", "truncation"]
 
 
-@pytest.mark.parametrize("field", FIELDS)
-def test_type_confusion_every_field(http, stack, field):
-    for value in BAD_VALUES:
-        body = {"model": stack.model, "messages": MESSAGES, "max_tokens": 1, field: value}
-        unary, streamed = verdicts(http, body)
-        assert unary == streamed, f"{field}={value!r}: transcoder {unary} vs bridge {streamed}"
-
-
 @pytest.mark.parametrize("raw", [
     b"", b"{", b'{"model": "x", "messages": [', b"null", b"[]", b'"text"', b"123",
     b'{"model": "m", "messages": [{"role": "user", "content": "\xff\xfe bad utf-8"}]}',
@@ -105,20 +99,91 @@ def test_stream_must_be_a_boolean(http, stack):
 
 
 def test_oversize_body_is_413_naming_the_limit(http, stack):
-    huge = "word " * (40 * 1024 * 1024 // 5)
-    response = post(http, "/v1/chat/completions", {"model": stack.model, "messages": [
-        {"role": "user", "content": huge}], "max_tokens": 1})
-    check_well_formed(response, "40 MB body")
-    assert response.status_code == 413
+    huge = "word " * (20 * 1024 * 1024 // 5)
+    for stream in (False, True):
+        response = post(http, "/v1/chat/completions", {"model": stack.model, "messages": [
+            {"role": "user", "content": huge}], "max_tokens": 1, "stream": stream})
+        check_well_formed(response, "20 MB body")
+        assert response.status_code == 413
+        assert "max_request_bytes" in response.json()["error"]["message"]
+
+
+def test_limits_over_rest_name_the_limit(http, stack):
+    """Counts over their limits, and a prompt too long for the context (refused before tokenising): a 400 naming
+    the limit on both REST paths."""
+    cases = {
+        "max_n": {"n": 17},
+        "max_stop": {"stop": ["a", "b", "c", "d", "e"]},
+        "max_logit_bias": {"logit_bias": {str(i): 1 for i in range(301)}},
+        "max_messages": {"messages": MESSAGES * 1025},
+        "max_tokens_limit": {"max_tokens": 2049},
+        "max_prompt_tokens": {"messages": [{"role": "user", "content": "x" * (1024 * 1024)}]},
+    }
+    for limit, fields in cases.items():
+        for stream in (False, True):
+            body = {"model": stack.model, "messages": MESSAGES, "max_tokens": 1, **fields, "stream": stream}
+            response = post(http, "/v1/chat/completions", body)
+            check_well_formed(response, limit)
+            assert response.status_code == 400, (limit, stream, response.text)
+            error = response.json()["error"]
+            assert limit in error["message"] and error["code"] == "limit_exceeded", (limit, error)
+
+
+DASHSCOPE_PATH = "/api/v1/services/aigc/text-generation/generation"
+
+
+def check_dashscope_error(response: httpx.Response, what: str) -> None:
+    assert response.status_code < 500, f"{what}: {response.status_code} {response.content[:300]!r}"
+    if response.status_code >= 400:
+        body = json.loads(response.content.decode("utf-8"))
+        assert isinstance(body["code"], str) and body["code"], (what, body)
+        assert isinstance(body["message"], str) and body["message"], (what, body)
+
+
+def test_dashscope_route_hostile_input(http, stack):
+    for raw in (b"", b"{", b"null", b"[]", b'{"model": "\xc3\x28"}',
+                b'{"model": "m", "input": {"prompt": "\xff bad"}}', b"[" * 5000 + b"]" * 5000,
+                b'{"a": 1, "a": 2}'):
+        for headers in ({}, {"x-dashscope-sse": "enable"}):
+            response = http.post(DASHSCOPE_PATH, content=raw, headers={"content-type": "application/json",
+                                                                        **headers})
+            check_dashscope_error(response, repr(raw[:60]))
+            assert response.status_code >= 400
+    for field in ("temperature", "top_p", "seed", "max_tokens", "n", "stop", "result_format", "incremental_output",
+                  "enable_search", "repetition_penalty"):
+        for value in BAD_VALUES:
+            if field == "max_tokens" and value is None:
+                continue
+            body = {"model": stack.model, "input": {"messages": MESSAGES},
+                    "parameters": {"max_tokens": 1, field: value}}
+            check_dashscope_error(post(http, DASHSCOPE_PATH, body), f"{field}={value!r}")
+    for value in BAD_VALUES:
+        for key in ("model", "input", "parameters"):
+            if key == "parameters" and value in (None, {}):
+                continue  # valid: no parameters, so no max_tokens (a long generation)
+            body = {"model": stack.model, "input": {"messages": MESSAGES}, "parameters": {"max_tokens": 1}, key: value}
+            check_dashscope_error(post(http, DASHSCOPE_PATH, body), f"{key}={value!r}")
 
 
 def test_grpc_bad_input_gets_precise_status(stack):
-    with grpc.insecure_channel(stack.grpc_address) as channel:
-        stub = generation_service_pb2_grpc.GenerationServiceStub(channel)
-        bad = chat_pb2.ChatCompletionRequest(model=stack.model, messages=[], max_tokens=-5)
-        with pytest.raises(grpc.RpcError) as caught:
-            stub.CreateChatCompletion(bad, timeout=30)
-        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    """Native gRPC, direct and through Envoy: a bad field, a limit, corrupt bytes: INVALID_ARGUMENT, never
+    INTERNAL/UNKNOWN."""
+    for address in (stack.grpc_address, stack.envoy_address):
+        with grpc.insecure_channel(address) as channel:
+            stub = generation_service_pb2_grpc.GenerationServiceStub(channel)
+            for bad in (chat_pb2.ChatCompletionRequest(model=stack.model, messages=[], max_tokens=-5),
+                        chat_pb2.ChatCompletionRequest(model=stack.model, messages=[
+                            chat_pb2.ChatMessage(role="user", content=struct_pb2.Value(string_value="hi"))],
+                            max_tokens=1, n=17)):
+                with pytest.raises(grpc.RpcError) as caught:
+                    stub.CreateChatCompletion(bad, timeout=30)
+                assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, caught.value.details()
+            raw = channel.unary_unary("/genrpc.v1.GenerationService/CreateChatCompletion",
+                                      request_serializer=lambda b: b, response_deserializer=lambda b: b)
+            for garbage in (b"\x72\x05\x0a\x01x\x11\xff", b"\xff" * 64, b"\x0a\xff\xff\xff\xff\x0f"):
+                with pytest.raises(grpc.RpcError) as caught:
+                    raw(garbage, timeout=30)
+                assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (garbage, caught.value.details())
 
 
 # Token counts are left to test_type_confusion_every_field: a random valid count could generate for minutes.
@@ -142,3 +207,14 @@ def test_property_no_5xx_and_paths_agree(http, stack, fields, path):
         return
     unary, streamed = verdicts(http, body, path)
     assert unary == streamed, f"{body}: transcoder {unary} vs bridge {streamed}"
+
+
+# Last: the longest (every field x every bad value, on both paths).
+@pytest.mark.parametrize("field", FIELDS)
+def test_type_confusion_every_field(http, stack, field):
+    for value in BAD_VALUES:
+        if field == "max_tokens" and value is None:
+            continue  # no max_tokens at all: generates up to max_tokens_limit (test_max_tokens_limit covers it)
+        body = {"model": stack.model, "messages": MESSAGES, "max_tokens": 1, field: value}
+        unary, streamed = verdicts(http, body)
+        assert unary == streamed, f"{field}={value!r}: transcoder {unary} vs bridge {streamed}"

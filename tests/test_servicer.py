@@ -31,7 +31,8 @@ def chat(**fields) -> chat_pb2.ChatCompletionRequest:
 @pytest.fixture
 async def served():
     engine = ScriptedEngine(reply="Hello world! Bye.", context_length=4096)
-    server, port = create_server(Settings(grpc_port=0, metrics_port=-1), engine)
+    # no generation ceiling: these tests probe the context window itself (test_limits.py covers the ceiling)
+    server, port = create_server(Settings(grpc_port=0, metrics_port=-1, max_tokens_limit=0), engine)
     await server.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
     try:

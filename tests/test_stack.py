@@ -202,9 +202,14 @@ def test_rest_errors_are_openai_shaped(client, stack):
 
 
 def test_context_length_exceeded_rest(client, stack):
+    # a prompt of ~7,000 tokens plus 2,000 (under --max-tokens-limit) is over the bundled model's 8,192
+    long_prompt = [{"role": "user", "content": "word " * 7000}]
     with pytest.raises(openai.BadRequestError) as bad:
+        client.chat.completions.create(model=stack.model, messages=long_prompt, max_tokens=2000)
+    assert "2000" in bad.value.message and "context length" in bad.value.message
+    with pytest.raises(openai.BadRequestError) as bad:  # over the ceiling: refused naming it, before templating
         client.chat.completions.create(model=stack.model, messages=QUESTION, max_tokens=10**6)
-    assert "1000000" in bad.value.message and "context length" in bad.value.message
+    assert "1000000" in bad.value.message and "max_tokens_limit" in bad.value.message
 
 
 # ---- gRPC, direct and through Envoy ---------------------------------------------------------------------

@@ -133,6 +133,7 @@ class ModelInfo:
     owned_by: str = "genrpc"
     # Used in `system_fingerprint` so clients can tell engine configurations apart.
     fingerprint: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
     # Whether `GenerationRequest.images` is honoured (a vision model on an engine that passes images on).
     # When False the service refuses `image_url` content parts with a 400.
     accepts_images: bool = False

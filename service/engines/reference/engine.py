@@ -72,7 +72,8 @@ class ReferenceEngine:
 
     @property
     def waiting_requests(self) -> int:
-        return len(self._waiting)
+        # Jobs that already have a free slot are admitted at the next step; they are not queued for one.
+        return max(0, len(self._waiting) - max(0, self._config.max_batch_size - self._running))
 
     @property
     def max_running_requests(self) -> int:

@@ -1,0 +1,159 @@
+"""Overload through the whole stack: a burst of `--factor` x capacity (slots + queue) requests at once, a third each
+as REST (transcoder), SSE (bridge) and gRPC through Envoy. Prints the 429 / RESOURCE_EXHAUSTED latency (p50, p99),
+how many were admitted and completed, the 5xx count (must be 0) and the highest engine queue seen on /metrics.
+
+    .venv/bin/python benchmarks/bench_overload.py --slots 16 --queue 256 --factor 4 --max-tokens 8
+
+Starts its own `genrpc up` on free loopback ports and stops it at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import re
+import socket
+import sys
+import tempfile
+import threading
+import time
+
+import grpc
+import httpx
+from google.protobuf import json_format
+
+from genrpc import processes
+from genrpc.settings import DEFAULT_MODEL_ID
+from genrpc.v1 import chat_pb2, generation_service_pb2_grpc
+
+MESSAGES = [{"role": "user", "content": "Count from one to ten."}]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
+class QueueWatch(threading.Thread):
+    def __init__(self, url: str):
+        super().__init__(daemon=True)
+        self.url, self.max_waiting, self.max_running, self.stop = url, 0.0, 0.0, threading.Event()
+
+    def run(self) -> None:
+        with httpx.Client(timeout=5) as client:
+            while not self.stop.is_set():
+                text = client.get(self.url).text
+                for name in ("waiting", "running"):
+                    found = re.search(rf"^genrpc_{name}_requests (\S+)$", text, re.M)
+                    if found:
+                        setattr(self, f"max_{name}", max(getattr(self, f"max_{name}"), float(found.group(1))))
+                self.stop.wait(0.01)
+
+
+async def rest(client: httpx.AsyncClient, stream: bool, max_tokens: int) -> tuple[str, int, float, bool]:
+    started = time.perf_counter()
+    async with client.stream("POST", "/v1/chat/completions", json={
+            "model": DEFAULT_MODEL_ID, "messages": MESSAGES, "max_tokens": max_tokens, "stream": stream}) as response:
+        body = await response.aread()
+    complete = response.status_code == 200 and (not stream or body.rstrip().endswith(b"[DONE]"))
+    retry_after = response.headers.get("retry-after") == "1"
+    status = response.status_code if response.status_code != 429 or retry_after else -429  # -429: no retry-after
+    return ("sse" if stream else "rest"), status, time.perf_counter() - started, complete
+
+
+async def rpc(stub, max_tokens: int) -> tuple[str, int, float, bool]:
+    request = json_format.ParseDict({"model": DEFAULT_MODEL_ID, "messages": MESSAGES, "max_tokens": max_tokens},
+                                    chat_pb2.ChatCompletionRequest())
+    started = time.perf_counter()
+    try:
+        await stub.CreateChatCompletion(request, timeout=600)
+        return "grpc", 200, time.perf_counter() - started, True
+    except grpc.aio.AioRpcError as error:
+        status = {grpc.StatusCode.RESOURCE_EXHAUSTED: 429}.get(error.code(), 500 + error.code().value[0])
+        return "grpc", status, time.perf_counter() - started, False
+
+
+async def burst(envoy: str, count: int, max_tokens: int, watch: "QueueWatch", queue: int, probes: int):
+    """The burst, plus `probes` sequential requests per path sent while the server is full (queue at its
+    setting): their refusal latency is the server's decision time without the burst's client-side contention."""
+    async with httpx.AsyncClient(base_url=f"http://{envoy}", timeout=600,
+                                 limits=httpx.Limits(max_connections=count)) as client, \
+            httpx.AsyncClient(base_url=f"http://{envoy}", timeout=600) as probe_client, \
+            grpc.aio.insecure_channel(envoy) as channel:
+        stub = generation_service_pb2_grpc.GenerationServiceStub(channel)
+        calls = [rest(client, False, max_tokens) if i % 3 == 0 else rest(client, True, max_tokens) if i % 3 == 1
+                 else rpc(stub, max_tokens) for i in range(count)]
+        everything = asyncio.gather(*calls)
+        probed = []
+        deadline = time.monotonic() + 60
+        while watch.max_waiting < queue and time.monotonic() < deadline and not everything.done():
+            await asyncio.sleep(0.01)
+        for _ in range(probes):
+            for call in (lambda: rest(probe_client, False, max_tokens), lambda: rest(probe_client, True, max_tokens),
+                         lambda: rpc(stub, max_tokens)):
+                probed.append(await call())
+        return await everything, probed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--slots", type=int, default=16)
+    parser.add_argument("--queue", type=int, default=256)
+    parser.add_argument("--factor", type=float, default=4.0)
+    parser.add_argument("--max-tokens", type=int, default=8)
+    parser.add_argument("--probes", type=int, default=20, help="sequential probes per path while the server is full")
+    args = parser.parse_args()
+    capacity = args.slots + args.queue
+    count = int(capacity * args.factor)
+    ports = {n: free_port() for n in ("grpc_port", "bridge_port", "envoy_port", "envoy_admin_port", "metrics_port")}
+    env = {f"GENRPC_{n.upper()}": str(p) for n, p in ports.items()}
+    env.update(GENRPC_MAX_BATCH_SIZE=str(args.slots), GENRPC_MAX_QUEUE=str(args.queue))
+    log = tempfile.NamedTemporaryFile(prefix="genrpc-overload-", suffix=".log", delete=False).name
+    child = processes.spawn("genrpc up", [sys.executable, "-m", "genrpc.cli", "up", "--envoy-base-id", "4243"],
+                            env=env, log_path=log)
+    try:
+        processes.wait_until(processes.http_ok(f"http://127.0.0.1:{ports['envoy_admin_port']}/ready"), child, 900,
+                             "ready")
+        processes.wait_until(processes.grpc_serving(f"127.0.0.1:{ports['grpc_port']}"), child, 60, "SERVING")
+        watch = QueueWatch(f"http://127.0.0.1:{ports['metrics_port']}/metrics")
+        watch.start()
+        started = time.perf_counter()
+        results, probed = asyncio.run(burst(f"127.0.0.1:{ports['envoy_port']}", count, args.max_tokens, watch,
+                                            args.queue, args.probes))
+        wall = time.perf_counter() - started
+        watch.stop.set()
+        watch.join(10)
+        refused = [r for r in results if abs(r[1]) == 429]
+        admitted = [r for r in results if r[1] == 200]
+        errors = [r for r in results + probed if r[1] >= 500]
+        print(f"burst: {count} requests ({args.factor:g}x capacity {args.slots} slots + {args.queue} queue), "
+              f"max_tokens {args.max_tokens}, done in {wall:.1f} s")
+        latencies = [r[2] for r in refused]
+        print(f"  refused 429/RESOURCE_EXHAUSTED: {len(refused)}; latency p50 {percentile(latencies, .5) * 1000:.1f} ms,"
+              f" p99 {percentile(latencies, .99) * 1000:.1f} ms, max {max(latencies, default=0) * 1000:.1f} ms; "
+              f"without retry-after: {sum(1 for r in refused if r[1] == -429)}")
+        for kind in ("rest", "sse", "grpc"):
+            lat = [r[2] for r in refused if r[0] == kind]
+            print(f"    {kind:4s}: {len(lat)} refused, p50 {percentile(lat, .5) * 1000:.1f} ms, "
+                  f"p99 {percentile(lat, .99) * 1000:.1f} ms")
+        for kind in ("rest", "sse", "grpc"):
+            lat = [r[2] for r in probed if r[0] == kind and abs(r[1]) == 429]
+            print(f"  probes while full, {kind:4s}: {len(lat)}/{sum(1 for r in probed if r[0] == kind)} refused, "
+                  f"p50 {percentile(lat, .5) * 1000:.1f} ms, p99 {percentile(lat, .99) * 1000:.1f} ms")
+        print(f"  admitted: {len(admitted)}, completed: {sum(1 for r in admitted if r[3])}")
+        print(f"  5xx / other errors: {len(errors)}; other statuses: "
+              f"{sorted({r[1] for r in results} - {200, 429, -429})}")
+        print(f"  max queue seen (genrpc_waiting_requests): {watch.max_waiting:.0f} (setting {args.queue}); "
+              f"max running: {watch.max_running:.0f} (slots {args.slots})")
+    finally:
+        child.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""Overload at 4x capacity through the real stack (the real engine, Envoy, the bridge): the excess is refused with
+429 + `retry-after` (REST, both paths) or RESOURCE_EXHAUSTED + RetryInfo (gRPC), every admitted request completes,
+nothing is a 5xx, and the engine's queue never holds more than `--max-queue`. Bounded: slots 2 + queue 4, 24
+concurrent requests of 4 tokens. The figures at scale: benchmarks/bench_overload.py."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import threading
+import time
+
+import grpc
+import httpx
+import pytest
+from google.protobuf import json_format
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from conftest import running_stack
+from genrpc.v1 import chat_pb2, generation_service_pb2_grpc
+
+SLOTS, QUEUE, REQUESTS = 2, 4, 24
+MESSAGES = [{"role": "user", "content": "Count from one to ten."}]
+
+
+@pytest.fixture(scope="module")
+def small_stack(tmp_path_factory):
+    with running_stack(tmp_path_factory.mktemp("overload"), {
+            "GENRPC_MAX_BATCH_SIZE": str(SLOTS), "GENRPC_MAX_QUEUE": str(QUEUE)}) as running:
+        yield running
+
+
+class QueueWatch:
+    """Polls the service's metrics while the burst runs; the highest genrpc_waiting_requests seen."""
+
+    def __init__(self, url: str):
+        self.url, self.max_waiting, self.max_running, self._stop = url, 0.0, 0.0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        with httpx.Client(timeout=5) as client:
+            while not self._stop.is_set():
+                text = client.get(self.url).text
+                for name in ("waiting", "running"):
+                    found = re.search(rf"^genrpc_{name}_requests (\S+)$", text, re.M)
+                    if found:
+                        attr = f"max_{name}"
+                        setattr(self, attr, max(getattr(self, attr), float(found.group(1))))
+                self._stop.wait(0.01)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(10)
+
+
+async def rest_call(client: httpx.AsyncClient, model: str, stream: bool) -> tuple[str, int, float, dict]:
+    body = {"model": model, "messages": MESSAGES, "max_tokens": 4, "stream": stream}
+    started = time.perf_counter()
+    async with client.stream("POST", "/v1/chat/completions", json=body) as response:
+        data = await response.aread()
+    elapsed = time.perf_counter() - started
+    info = {"headers": dict(response.headers), "body": data}
+    return ("sse" if stream else "rest"), response.status_code, elapsed, info
+
+
+async def grpc_call(stub, model: str) -> tuple[str, int, float, dict]:
+    request = json_format.ParseDict({"model": model, "messages": MESSAGES, "max_tokens": 4},
+                                    chat_pb2.ChatCompletionRequest())
+    started = time.perf_counter()
+    try:
+        reply = await stub.CreateChatCompletion(request, timeout=120)
+        return "grpc", 0, time.perf_counter() - started, {"reply": reply}
+    except grpc.aio.AioRpcError as error:
+        return "grpc", error.code().value[0], time.perf_counter() - started, {"error": error}
+
+
+async def burst(stack) -> list[tuple[str, int, float, dict]]:
+    async with httpx.AsyncClient(base_url=f"http://{stack.envoy_address}", timeout=120,
+                                 limits=httpx.Limits(max_connections=REQUESTS)) as client, \
+            grpc.aio.insecure_channel(stack.envoy_address) as channel:
+        stub = generation_service_pb2_grpc.GenerationServiceStub(channel)
+        calls = []
+        for i in range(REQUESTS):
+            kind = i % 3
+            calls.append(rest_call(client, stack.model, False) if kind == 0 else
+                         rest_call(client, stack.model, True) if kind == 1 else grpc_call(stub, stack.model))
+        return await asyncio.gather(*calls)
+
+
+def test_overload_refuses_the_excess_quickly_and_completes_the_rest(small_stack):
+    with QueueWatch(small_stack.metrics_url) as watch:
+        results = asyncio.run(burst(small_stack))
+    admitted, refused, refusal_latency = 0, 0, []
+    for kind, status, elapsed, info in results:
+        if kind == "grpc":
+            if status == 0:
+                admitted += 1
+                assert info["reply"].choices[0].finish_reason in ("stop", "length")
+                continue
+            error = info["error"]
+            assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, (error.code(), error.details())
+            retry = [d for d in rpc_status.from_call(error).details if d.Is(error_details_pb2.RetryInfo.DESCRIPTOR)]
+            assert retry, "RESOURCE_EXHAUSTED without RetryInfo"
+        else:
+            assert status < 500, (kind, status, info["body"][:300])
+            if status == 200:
+                admitted += 1
+                if kind == "sse":
+                    assert info["body"].rstrip().endswith(b"data: [DONE]"), info["body"][-200:]
+                continue
+            assert status == 429, (kind, status, info["body"][:300])
+            assert info["headers"].get("retry-after") == "1", (kind, info["headers"])
+            error = json.loads(info["body"])["error"]
+            assert error["type"] == "rate_limit_error" and "max_queue" in error["message"], error
+        refused += 1
+        refusal_latency.append(elapsed)
+    refusal_latency.sort()
+    print(f"\n{REQUESTS} requests for {SLOTS} slots + {QUEUE} queue: {admitted} admitted (all completed), "
+          f"{refused} refused; refusal latency p50 {refusal_latency[len(refusal_latency) // 2] * 1000:.0f} ms, "
+          f"max {refusal_latency[-1] * 1000:.0f} ms; max waiting {watch.max_waiting:.0f}, "
+          f"max running {watch.max_running:.0f}")
+    assert admitted + refused == REQUESTS
+    assert admitted >= SLOTS + QUEUE  # capacity was used (the burst arrives at once, before any finishes)
+    assert refused >= REQUESTS - 2 * (SLOTS + QUEUE)  # and the excess refused
+    assert watch.max_waiting <= QUEUE and watch.max_running <= SLOTS
