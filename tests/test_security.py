@@ -51,7 +51,8 @@ def secured(tmp_path_factory):
     keys.write_text(KEYS)
     stack = StackUp(workdir, os.getpid() % 10000 + 500, engine="synthetic", synthetic_tokens_per_s=0,
                     api_keys_file=keys, request_headers_timeout_s=HEADERS_TIMEOUT_S,
-                    request_timeout_s=REQUEST_TIMEOUT_S, bridge_send_timeout_s=SEND_TIMEOUT_S)
+                    request_timeout_s=REQUEST_TIMEOUT_S, bridge_send_timeout_s=SEND_TIMEOUT_S,
+                    max_tokens_limit=0)  # no ceiling: the stalled-reader test needs a stream that outlasts buffers
     try:
         yield stack
     finally:
