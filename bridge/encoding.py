@@ -104,7 +104,9 @@ def align_with_transcoder(body: dict[str, Any], descriptor: Descriptor) -> dict[
             if isinstance(value, dict):
                 value_field = field.message_type.fields_by_name["value"]
                 for map_key, item in value.items():
-                    value[map_key] = _align_scalar(value_field, item)
+                    # a null map value is its type's default to the transcoder (protobuf's C++ JSON parser), an
+                    # error to json_format
+                    value[map_key] = value_field.default_value if item is None else _align_scalar(value_field, item)
         elif field.is_repeated:
             if isinstance(value, list):
                 body[key] = [_align_scalar(field, item) for item in value]

@@ -83,7 +83,7 @@ def _plan(rng: random.Random, early_cancel_s: float) -> tuple[float, int]:
 
 async def storm_round(envoy: str, model: str, streams: int, running_and_waiting: Callable[[], tuple[float, float]],
                       *, early_cancel_s: float = 0.5, seed: int = 0, api_key: str = "",
-                      drain_limit_s: float = 30.0, max_tokens: int = 100_000) -> RoundResult:
+                      drain_limit_s: float = 30.0, max_tokens: int = 2048) -> RoundResult:
     rng = random.Random(seed)
     counts = {"opened": 0, "chunks": 0, "refused": 0}
     # ignore_eos: a real model must not end a stream before its cancel

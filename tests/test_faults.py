@@ -18,6 +18,7 @@ import openai
 import pytest
 
 from _procs import free_port
+from _stack_up import pid_listening
 from genrpc import processes
 from genrpc.settings import DEFAULT_MODEL_ID
 from genrpc.v1 import chat_pb2, generation_service_pb2_grpc
@@ -46,25 +47,8 @@ class Up:
                              "SERVING")
 
     def child_pid(self, port_name: str) -> int:
-        """The pid of the child listening on one of the stack's ports (from /proc)."""
-        port = self.ports[port_name]
-        inodes = set()
-        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-            for line in Path(table).read_text().splitlines()[1:]:
-                fields = line.split()
-                if int(fields[1].split(":")[1], 16) == port and fields[3] == "0A":
-                    inodes.add(fields[9])
-        for pid in os.listdir("/proc"):
-            if not pid.isdigit():
-                continue
-            try:
-                for fd in os.listdir(f"/proc/{pid}/fd"):
-                    link = os.readlink(f"/proc/{pid}/fd/{fd}")
-                    if link.startswith("socket:[") and link[8:-1] in inodes:
-                        return int(pid)
-            except OSError:
-                continue
-        raise LookupError(f"nothing listens on {port_name} {port}")
+        """The pid of the child listening on one of the stack's ports."""
+        return pid_listening(self.ports[port_name])
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
