@@ -11,7 +11,9 @@ from __future__ import annotations
 import enum
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, TypeVar, runtime_checkable
+
+_T = TypeVar("_T")
 
 
 # ---- errors ---------------------------------------------------------------------------------------------
@@ -49,6 +51,13 @@ class EngineUnsupported(EngineBadRequest):
 
 class EngineInternalError(EngineError):
     """The runtime failed in a way that is not the client's fault."""
+
+
+def started(value: _T | None, engine: str) -> _T:
+    """`value` (an engine's model info or tokenizer), which exists once `start()` has run."""
+    if value is None:
+        raise EngineUnavailable(f"the {engine} engine has not started")
+    return value
 
 
 class FinishReason(str, enum.Enum):

@@ -42,7 +42,7 @@ from typing import Any
 
 from genrpc.service.engines.base import (EngineBadRequest, EngineError, EngineInternalError, EngineUnavailable,
                                          EngineUnsupported, GenerationDelta, GenerationRequest, ModelInfo,
-                                         SamplingParams, Tokenizer)
+                                         SamplingParams, Tokenizer, started)
 from genrpc.service.engines.sglang_mapping import (
     REQUEST_FIELD,
     SGLangEngineConfig,
@@ -83,15 +83,11 @@ class SGLangEngine:
 
     @property
     def model_info(self) -> ModelInfo:
-        if self._model_info is None:
-            raise EngineUnavailable("the SGLang engine has not started")
-        return self._model_info
+        return started(self._model_info, "SGLang")
 
     @property
     def tokenizer(self) -> Tokenizer:
-        if self._tokenizer is None:
-            raise EngineUnavailable("the SGLang engine has not started")
-        return self._tokenizer
+        return started(self._tokenizer, "SGLang")
 
     @property
     def running_requests(self) -> int:

@@ -38,8 +38,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from genrpc.service.engines.base import (EngineBadRequest, EngineInternalError, EngineOverloaded, EngineUnavailable,
-                                         EngineUnsupported, FinishReason, GenerationDelta, GenerationRequest,
-                                         ModelInfo, SamplingParams, TokenLogprob)
+                                         EngineUnsupported, FinishReason, GenerationDelta, GenerationRequest, ModelInfo,
+                                         SamplingParams, TokenLogprob, started)
 from genrpc.service.engines.llamacpp.grammar import gbnf_from_xgrammar
 from genrpc.service.engines.llamacpp.tokenizer import GGUFTokenizer, load_cached
 
@@ -271,15 +271,11 @@ class LlamaCppEngine:
 
     @property
     def model_info(self) -> ModelInfo:
-        if self._model_info is None:
-            raise EngineUnavailable("engine not started")
-        return self._model_info
+        return started(self._model_info, "llama.cpp")
 
     @property
     def tokenizer(self) -> GGUFTokenizer:
-        if self._tokenizer is None:
-            raise EngineUnavailable("engine not started")
-        return self._tokenizer
+        return started(self._tokenizer, "llama.cpp")
 
     @property
     def running_requests(self) -> int:

@@ -20,7 +20,8 @@ from typing import Any
 import torch
 
 from genrpc.service.engines.base import (EngineBadRequest, EngineInternalError, EngineOverloaded, EngineUnavailable,
-                                         FinishReason, GenerationDelta, GenerationRequest, ModelInfo, SamplingParams)
+                                         FinishReason, GenerationDelta, GenerationRequest, ModelInfo, SamplingParams,
+                                         started)
 from genrpc.service.engines.reference import invariance
 from genrpc.service.engines.reference.config import ReferenceEngineConfig
 from genrpc.service.engines.reference.batch import Job, SharedBatch, finish_reason
@@ -56,15 +57,11 @@ class ReferenceEngine:
 
     @property
     def model_info(self) -> ModelInfo:
-        if self._model_info is None:
-            raise EngineUnavailable("the engine has not started")
-        return self._model_info
+        return started(self._model_info, "reference")
 
     @property
     def tokenizer(self) -> HFTokenizer:
-        if self._tokenizer is None:
-            raise EngineUnavailable("the engine has not started")
-        return self._tokenizer
+        return started(self._tokenizer, "reference")
 
     @property
     def running_requests(self) -> int:
