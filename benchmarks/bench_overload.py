@@ -11,20 +11,22 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import re
 import socket
 import sys
 import tempfile
-import threading
 import time
+from pathlib import Path
 
 import grpc
 import httpx
 from google.protobuf import json_format
 
-from genrpc import processes
-from genrpc.settings import DEFAULT_MODEL_ID
-from genrpc.v1 import chat_pb2, generation_service_pb2_grpc
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the shared metrics watcher
+
+from _stack_up import QueueWatch  # noqa: E402
+from genrpc import processes  # noqa: E402
+from genrpc.settings import DEFAULT_MODEL_ID  # noqa: E402
+from genrpc.v1 import chat_pb2, generation_service_pb2_grpc  # noqa: E402
 
 MESSAGES = [{"role": "user", "content": "Count from one to ten."}]
 
@@ -38,22 +40,6 @@ def free_port() -> int:
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
-
-
-class QueueWatch(threading.Thread):
-    def __init__(self, url: str):
-        super().__init__(daemon=True)
-        self.url, self.max_waiting, self.max_running, self.stop = url, 0.0, 0.0, threading.Event()
-
-    def run(self) -> None:
-        with httpx.Client(timeout=5) as client:
-            while not self.stop.is_set():
-                text = client.get(self.url).text
-                for name in ("waiting", "running"):
-                    found = re.search(rf"^genrpc_{name}_requests (\S+)$", text, re.M)
-                    if found:
-                        setattr(self, f"max_{name}", max(getattr(self, f"max_{name}"), float(found.group(1))))
-                self.stop.wait(0.01)
 
 
 async def rest(client: httpx.AsyncClient, stream: bool, max_tokens: int) -> tuple[str, int, float, bool]:
@@ -121,14 +107,11 @@ def main() -> None:
         processes.wait_until(processes.http_ok(f"http://127.0.0.1:{ports['envoy_admin_port']}/ready"), child, 900,
                              "ready")
         processes.wait_until(processes.grpc_serving(f"127.0.0.1:{ports['grpc_port']}"), child, 60, "SERVING")
-        watch = QueueWatch(f"http://127.0.0.1:{ports['metrics_port']}/metrics")
-        watch.start()
-        started = time.perf_counter()
-        results, probed = asyncio.run(burst(f"127.0.0.1:{ports['envoy_port']}", count, args.max_tokens, watch,
-                                            args.queue, args.probes))
-        wall = time.perf_counter() - started
-        watch.stop.set()
-        watch.join(10)
+        with QueueWatch(f"http://127.0.0.1:{ports['metrics_port']}/metrics") as watch:
+            started = time.perf_counter()
+            results, probed = asyncio.run(burst(f"127.0.0.1:{ports['envoy_port']}", count, args.max_tokens, watch,
+                                                args.queue, args.probes))
+            wall = time.perf_counter() - started
         refused = [r for r in results if abs(r[1]) == 429]
         admitted = [r for r in results if r[1] == 200]
         errors = [r for r in results + probed if r[1] >= 500]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import threading
 from pathlib import Path
 
 import httpx
@@ -91,3 +92,32 @@ def pid_listening(port: int) -> int:
         except OSError:
             continue
     raise LookupError(f"nothing listens on port {port}")
+
+
+class QueueWatch:
+    """Polls the service's /metrics while a load runs: the highest genrpc_waiting_requests and
+    genrpc_running_requests seen (summed over their labels). A context manager."""
+
+    def __init__(self, url: str):
+        self.url, self.max_waiting, self.max_running, self._stop = url, 0.0, 0.0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        with httpx.Client(timeout=5) as client:
+            while not self._stop.is_set():
+                totals = {"genrpc_waiting_requests": 0.0, "genrpc_running_requests": 0.0}
+                for family in text_string_to_metric_families(client.get(self.url).text):
+                    for sample in family.samples:
+                        if sample.name in totals:
+                            totals[sample.name] += sample.value
+                self.max_waiting = max(self.max_waiting, totals["genrpc_waiting_requests"])
+                self.max_running = max(self.max_running, totals["genrpc_running_requests"])
+                self._stop.wait(0.01)
+
+    def __enter__(self) -> QueueWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(10)

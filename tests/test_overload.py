@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
-import threading
 import time
 
 import grpc
@@ -18,6 +16,7 @@ from google.protobuf import json_format
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from _stack_up import QueueWatch
 from conftest import running_stack
 from genrpc.v1 import chat_pb2, generation_service_pb2_grpc
 
@@ -30,33 +29,6 @@ def small_stack(tmp_path_factory):
     with running_stack(tmp_path_factory.mktemp("overload"), {
             "GENRPC_MAX_BATCH_SIZE": str(SLOTS), "GENRPC_MAX_QUEUE": str(QUEUE)}) as running:
         yield running
-
-
-class QueueWatch:
-    """Polls the service's metrics while the burst runs; the highest genrpc_waiting_requests seen."""
-
-    def __init__(self, url: str):
-        self.url, self.max_waiting, self.max_running, self._stop = url, 0.0, 0.0, threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        with httpx.Client(timeout=5) as client:
-            while not self._stop.is_set():
-                text = client.get(self.url).text
-                for name in ("waiting", "running"):
-                    found = re.search(rf"^genrpc_{name}_requests (\S+)$", text, re.M)
-                    if found:
-                        attr = f"max_{name}"
-                        setattr(self, attr, max(getattr(self, attr), float(found.group(1))))
-                self._stop.wait(0.01)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join(10)
 
 
 async def rest_call(client: httpx.AsyncClient, model: str, stream: bool) -> tuple[str, int, float, dict]:
