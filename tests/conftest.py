@@ -6,9 +6,11 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import re
 import socket
 import sys
 
+import httpx
 import pytest
 
 from genrpc import processes
@@ -27,6 +29,11 @@ class Stack:
         self.bridge_url = f"http://127.0.0.1:{ports['bridge_port']}"
         self.bridge_metrics_url = f"http://127.0.0.1:{ports['bridge_metrics_port']}/metrics"
         self.envoy_stats_url = f"http://127.0.0.1:{ports['envoy_stats_port']}/stats/prometheus"
+
+    def running_requests(self) -> float:
+        """The service's genrpc_running_requests gauge."""
+        text = httpx.get(self.metrics_url).text
+        return float(re.search(r"^genrpc_running_requests\{[^}]*\} (\S+)$", text, re.M).group(1))
 
 
 @contextlib.contextmanager

@@ -11,18 +11,12 @@ import subprocess
 import sys
 import time
 
-import httpx
 import pexpect
 import pytest
 
 STATS = re.compile(r"\[(stopped|stop|length|error)(?: · (\d+) prompt \+ (\d+) completion tokens)?[^\]\r\n]*\]")
 PROMPT = ">>> "
 TIMEOUT_S = 180  # one answer on a loaded 2-core machine
-
-
-def running_requests(stack) -> float:
-    text = httpx.get(stack.metrics_url).text
-    return float(re.search(r"^genrpc_running_requests\{[^}]*\} (\S+)$", text, re.M).group(1))
 
 
 def wait_for(predicate, timeout_s: float, what: str) -> None:
@@ -70,19 +64,19 @@ def test_chat_repl(stack, transport, tmp_path):
             assert alone_prompt < second_prompt
 
             # Ctrl-C in the middle of a long answer stops it on the server too; the REPL stays
-            wait_for(lambda: running_requests(stack) == 0, 30, "an idle engine")
+            wait_for(lambda: stack.running_requests() == 0, 30, "an idle engine")
             child.sendline("/set max_tokens 2000")
             child.expect_exact("(max_tokens = 2000)")
             child.expect_exact(PROMPT)
             child.sendline("Write a long story about a dragon who learns to cook.")
             child.expect_exact("cook.\r\n")  # the echoed line
             child.expect(r"\w+\W+\w+\W+\w+", timeout=TIMEOUT_S)  # a few streamed words
-            assert running_requests(stack) == 1
+            assert stack.running_requests() == 1
             child.sendintr()
             child.expect(STATS, timeout=30)
             assert child.match.group(1) == "stopped"
             child.expect_exact(PROMPT)
-            wait_for(lambda: running_requests(stack) == 0, 15, "genrpc_running_requests back to 0 after Ctrl-C")
+            wait_for(lambda: stack.running_requests() == 0, 15, "genrpc_running_requests back to 0 after Ctrl-C")
 
             child.sendline("/set max_tokens 16")
             child.expect_exact(PROMPT)

@@ -47,11 +47,6 @@ async def test_page_is_public_self_contained_and_the_api_keeps_its_keys(tmp_path
             assert (await http.post("/playground")).status_code == 401
 
 
-def running_requests(stack) -> float:
-    text = httpx.get(stack.metrics_url).text
-    return float(re.search(r"^genrpc_running_requests\{[^}]*\} (\S+)$", text, re.M).group(1))
-
-
 def wait_for(predicate, timeout_s: float, what: str):
     """Bounded poll of an observable condition; returns its last truthy value."""
     deadline = time.monotonic() + timeout_s
@@ -135,17 +130,17 @@ def test_playground_chat_stop_and_errors(stack, browser, tmp_path):
     assert driver.find_element(By.ID, "send").is_displayed()
 
     # 2. a long answer: Stop mid-stream aborts the fetch; Envoy and the bridge cancel the generation
-    wait_for(lambda: running_requests(stack) == 0, 30, "an idle engine")
+    wait_for(lambda: stack.running_requests() == 0, 30, "an idle engine")
     set_value(driver, "max_tokens", "2000")
     send(driver, "Write a long story about a dragon who learns to cook.")
     second = wait_for(lambda: assistant_messages(driver)[1:], 10, "the second answer bubble")[0]
     content = second.find_element(By.CSS_SELECTOR, ".content")
     wait_for(lambda: len(content.text.split()) >= 5, 120, "a few streamed words")
-    assert running_requests(stack) == 1
+    assert stack.running_requests() == 1
     streamed_before_stop = content.text
     driver.find_element(By.ID, "stop").click()
     wait_for(lambda: stats_of(driver, second).get("finish") == "stopped", 10, "the answer marked stopped")
-    wait_for(lambda: running_requests(stack) == 0, 15, "genrpc_running_requests back to 0 after Stop")
+    wait_for(lambda: stack.running_requests() == 0, 15, "genrpc_running_requests back to 0 after Stop")
     assert content.text.startswith(streamed_before_stop.rstrip("▍").strip()[:20])
     assert driver.find_element(By.ID, "send").is_displayed() and not driver.find_element(By.ID, "stop").is_displayed()
     driver.save_screenshot(str(tmp_path / "playground.png"))

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import re
 import subprocess
 import sys
 import time
@@ -35,11 +34,6 @@ def client(stack):
 def chat_request(stack, **fields) -> chat_pb2.ChatCompletionRequest:
     body = {"model": stack.model, "messages": QUESTION, **fields}
     return json_format.ParseDict(body, chat_pb2.ChatCompletionRequest())
-
-
-def running_requests(stack) -> float:
-    text = httpx.get(stack.metrics_url).text
-    return float(re.search(r"^genrpc_running_requests\{[^}]*\} (\S+)$", text, re.M).group(1))
 
 
 def wait_for(predicate, timeout_s: float = 10.0) -> bool:
@@ -257,15 +251,15 @@ async def test_grpc_errors_with_details(stack, via):
 # ---- cancellation ---------------------------------------------------------------------------------------
 
 def test_rest_stream_closed_midway_frees_slot(client, stack):
-    assert wait_for(lambda: running_requests(stack) == 0)
+    assert wait_for(lambda: stack.running_requests() == 0)
     stream = client.chat.completions.create(model=stack.model, messages=LONG_ANSWER, max_tokens=2000,
                                             temperature=0, stream=True)
     for received, _ in enumerate(stream):
         if received == 3:
             break
-    assert running_requests(stack) == 1
+    assert stack.running_requests() == 1
     stream.close()
-    assert wait_for(lambda: running_requests(stack) == 0), "generation kept running after the client left"
+    assert wait_for(lambda: stack.running_requests() == 0), "generation kept running after the client left"
 
 
 async def test_grpc_cancel_frees_slot(stack):
@@ -274,9 +268,9 @@ async def test_grpc_cancel_frees_slot(stack):
             chat_request(stack, messages=LONG_ANSWER, max_tokens=2000, temperature=0))
         await call.read()
         await call.read()
-        assert running_requests(stack) == 1
+        assert stack.running_requests() == 1
         call.cancel()
-        assert await asyncio.to_thread(wait_for, lambda: running_requests(stack) == 0)
+        assert await asyncio.to_thread(wait_for, lambda: stack.running_requests() == 0)
 
 
 async def test_deadline_frees_slot(stack):
@@ -287,7 +281,7 @@ async def test_deadline_frees_slot(stack):
                                    timeout=1.0):
                 pass
         assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        assert await asyncio.to_thread(wait_for, lambda: running_requests(stack) == 0)
+        assert await asyncio.to_thread(wait_for, lambda: stack.running_requests() == 0)
 
 
 # ---- batching -------------------------------------------------------------------------------------------
@@ -313,7 +307,7 @@ async def test_concurrent_streams_share_the_engine(stack):
 
         async def watch():
             while True:
-                seen_running.append(await asyncio.to_thread(running_requests, stack))
+                seen_running.append(await asyncio.to_thread(stack.running_requests))
 
         watcher = asyncio.create_task(watch())
         try:
