@@ -336,7 +336,11 @@ async def test_grpc_parity(stack):
         assert indexes == {0, 1}
         with_logprobs = [c for c in chunks if c.choices and c.choices[0].delta.content]
         assert all(json_format.MessageToDict(c.choices[0].logprobs)["content"] for c in with_logprobs)
-        structured = await stub.CreateChatCompletion(chat(response_format={"type": "json_object"}, max_tokens=120))
+        # as over REST: a short object asked for, so the grammar-constrained output completes within max_tokens
+        structured = await stub.CreateChatCompletion(chat(
+            response_format={"type": "json_object"}, max_tokens=200,
+            messages=[{"role": "user", "content": 'Reply with a JSON object like {"city": "Paris"}.'}]))
+        assert structured.choices[0].finish_reason == "stop", structured.choices[0].message.content
         assert isinstance(json.loads(structured.choices[0].message.content.string_value), dict)
         batch = await stub.CreateCompletion(json_format.ParseDict(
             {"model": stack.model, "prompt": ["Hello", "Bye"], "max_tokens": 3, "n": 2, "seed": 1},
