@@ -6,9 +6,12 @@
 
     .venv/bin/python benchmarks/bench_engines.py [--tokens 128] [--concurrency 1 4 8 16] [--with-reference]
 
-Each side runs alone (the others are stopped), so they do not share the two cores. Every stream generates exactly
---tokens tokens (greedy, EOS ignored). Per row: median time to first token, median per-stream decode rate (tokens
-after the first / time after the first), aggregate tokens/s (all tokens / wall time), and the ratios to llama.cpp.
+One side runs at a time (the others sit idle), and the sides take turns round by round (`--rounds`), so drift on a
+shared machine hits all of them alike. llama.cpp's side drives the very `xllamacpp.Server` the engine loaded. Every
+stream generates exactly --tokens tokens (greedy, EOS ignored; llama.cpp's side sends the plain greedy request a
+llama-server client would). Per row, medians over the rounds of: median time to first token, median per-stream
+decode rate (tokens after the first / time after the first), aggregate tokens/s (all tokens / wall time), and the
+ratios to llama.cpp.
 Also: the stack's cached start time and the service's RSS. `--with-reference` adds the torch reference engine.
 """
 
@@ -33,8 +36,7 @@ from genrpc import processes
 from genrpc.settings import Settings
 from genrpc.service.engines.base import GenerationRequest, SamplingParams
 from genrpc.service.engines.factory import llamacpp_config, reference_config
-from genrpc.service.engines.llamacpp import LlamaCppEngine, LlamaCppEngineConfig
-from genrpc.service.engines.llamacpp.engine import server_params
+from genrpc.service.engines.llamacpp import LlamaCppEngine
 
 USER_PROMPTS = [
     "What is the capital of France?", "Name three primary colors.", "Why is the sky blue?",
@@ -159,27 +161,40 @@ def bench_stack(base_url: str, model: str, user_prompts: list[str], concurrency:
     return summarize(runs, time.perf_counter() - t0)
 
 
-def run_stack(args: argparse.Namespace, slots: int) -> tuple[dict[int, Row], float, float]:
-    """Rows for the whole stack, its start time (to Envoy ready, model cached) and the service's RSS (MB)."""
-    ports = {n: free_port() for n in ("grpc_port", "bridge_port", "envoy_port", "envoy_admin_port", "metrics_port")}
-    env = {f"GENRPC_{n.upper()}": str(p) for n, p in ports.items()}
-    env["GENRPC_MAX_BATCH_SIZE"] = str(slots)
-    log = tempfile.NamedTemporaryFile(prefix="genrpc-bench-", suffix=".log", delete=False).name
-    t0 = time.perf_counter()
-    child = processes.spawn("genrpc up", [sys.executable, "-m", "genrpc.cli", "up", "--envoy-base-id", "4242"],
-                            env=env, log_path=log)
-    try:
-        processes.wait_until(processes.http_ok(f"http://127.0.0.1:{ports['envoy_admin_port']}/ready"), child, 900,
-                             "ready")
-        started = time.perf_counter() - t0
-        base_url = f"http://127.0.0.1:{ports['envoy_port']}/v1"
-        rows = {}
-        for c in args.concurrency:
-            bench_stack(base_url, Settings().model_id, USER_PROMPTS, c, 4)
-            rows[c] = bench_stack(base_url, Settings().model_id, USER_PROMPTS, c, args.tokens)
-        return rows, started, rss_mb(service_pid(child.process.pid))
-    finally:
-        child.stop()
+class StackUnderTest:
+    """`genrpc up` (service, bridge, Envoy) on free ports, idle between the rounds driven against it."""
+
+    def __init__(self, slots: int) -> None:
+        ports = {n: free_port() for n in ("grpc_port", "bridge_port", "envoy_port", "envoy_admin_port",
+                                          "metrics_port")}
+        env = {f"GENRPC_{n.upper()}": str(p) for n, p in ports.items()}
+        env["GENRPC_MAX_BATCH_SIZE"] = str(slots)
+        log = tempfile.NamedTemporaryFile(prefix="genrpc-bench-", suffix=".log", delete=False).name
+        t0 = time.perf_counter()
+        self.child = processes.spawn("genrpc up", [sys.executable, "-m", "genrpc.cli", "up", "--envoy-base-id",
+                                                   "4242"], env=env, log_path=log)
+        try:
+            processes.wait_until(processes.http_ok(f"http://127.0.0.1:{ports['envoy_admin_port']}/ready"),
+                                 self.child, 900, "ready")
+        except BaseException:
+            self.child.stop()
+            raise
+        self.start_s = time.perf_counter() - t0
+        self.base_url = f"http://127.0.0.1:{ports['envoy_port']}/v1"
+
+    def run(self, concurrency: int, tokens: int) -> Row:
+        return bench_stack(self.base_url, Settings().model_id, USER_PROMPTS, concurrency, tokens)
+
+    def service_rss_mb(self) -> float:
+        return rss_mb(service_pid(self.child.process.pid))
+
+    def stop(self) -> None:
+        self.child.stop()
+
+
+def median_row(rows: list[Row]) -> Row:
+    return Row(ttft_ms=statistics.median(r.ttft_ms for r in rows), decode=statistics.median(r.decode for r in rows),
+               aggregate=statistics.median(r.aggregate for r in rows))
 
 
 def print_table(title: str, rows: dict[int, Row], baseline: dict[int, Row] | None) -> None:
@@ -195,41 +210,48 @@ def print_table(title: str, rows: dict[int, Row], baseline: dict[int, Row] | Non
 
 
 async def main(args: argparse.Namespace) -> None:
-    import xllamacpp
-
     slots = max(args.concurrency)
-    settings = Settings(max_batch_size=slots)
-    engine = LlamaCppEngine(llamacpp_config(settings))
-    t0 = time.perf_counter()
-    await engine.start()
-    print(f"genrpc llama.cpp engine: start (tokenizer + load + warm-up) {time.perf_counter() - t0:.2f} s")
-    prompts = [engine.tokenizer.apply_chat_template([{"role": "user", "content": p}]) for p in USER_PROMPTS]
-    config, context = engine._config, engine.model_info.context_length_tokens
-    print(f"model {config.gguf_path.name}, {config.threads or 'all'} threads, {slots} slots, "
-          f"{args.tokens} tokens per stream")
+    # The stack first, so its start is measured on an idle machine; it sleeps while the in-process sides run.
+    stack = StackUnderTest(slots)
+    try:
+        engine = LlamaCppEngine(llamacpp_config(Settings(max_batch_size=slots)))
+        t0 = time.perf_counter()
+        await engine.start()
+        print(f"genrpc llama.cpp engine: start (tokenizer + load + warm-up) {time.perf_counter() - t0:.2f} s")
+        prompts = [engine.tokenizer.apply_chat_template([{"role": "user", "content": p}]) for p in USER_PROMPTS]
+        # llama.cpp's own server: the very xllamacpp.Server the engine loaded (same parameters, same weights),
+        # driven directly as llama-server's HTTP handlers drive it.
+        server = engine._server
+        print(f"model {engine._config.gguf_path.name}, {engine._config.threads or 'all'} threads, {slots} slots, "
+              f"{args.tokens} tokens per stream, {args.rounds} interleaved rounds per row (medians)")
 
-    ours: dict[int, Row] = {}
-    for c in args.concurrency:
-        await bench_engine(engine, prompts, c, 4)  # warm the slots' prompt caches alike for both sides
-        ours[c] = await bench_engine(engine, prompts, c, args.tokens)
-    await engine.shutdown()
+        sides = {
+            "llama.cpp": lambda c, n: asyncio.to_thread(bench_xllamacpp, server, prompts, c, n),
+            "engine": lambda c, n: bench_engine(engine, prompts, c, n),
+            "stack": lambda c, n: asyncio.to_thread(stack.run, c, n),
+        }
+        results: dict[str, dict[int, Row]] = {name: {} for name in sides}
+        for c in args.concurrency:
+            for run in sides.values():
+                await run(c, 4)  # warm the slots' prompt caches alike for every side
+            # The sides take turns round by round, so a slow minute of a shared machine hits all three alike.
+            rounds: dict[str, list[Row]] = {name: [] for name in sides}
+            for _ in range(args.rounds):
+                for name, run in sides.items():
+                    rounds[name].append(await run(c, args.tokens))
+            for name in sides:
+                results[name][c] = median_row(rounds[name])
+        await engine.shutdown()
+        service_rss = stack.service_rss_mb()
+    finally:
+        stack.stop()
 
-    t0 = time.perf_counter()
-    server = xllamacpp.Server(server_params(config, context))
-    print(f"xllamacpp Server: load {time.perf_counter() - t0:.2f} s")
-    theirs: dict[int, Row] = {}
-    for c in args.concurrency:
-        await asyncio.to_thread(bench_xllamacpp, server, prompts, c, 4)
-        theirs[c] = await asyncio.to_thread(bench_xllamacpp, server, prompts, c, args.tokens)
-    del server
-
-    stack, stack_start_s, service_rss = run_stack(args, slots)
-
+    theirs = results["llama.cpp"]
     print_table("llama.cpp's own server in process (xllamacpp handle_completions)", theirs, None)
-    print_table("genrpc llama.cpp engine in process (ratios: genrpc / llama.cpp)", ours, theirs)
+    print_table("genrpc llama.cpp engine in process (ratios: genrpc / llama.cpp)", results["engine"], theirs)
     print_table("whole genrpc stack: OpenAI SDK streaming through Envoy + bridge (ratios: stack / llama.cpp)",
-                stack, theirs)
-    print(f"\nstack cached start (genrpc up to Envoy ready): {stack_start_s:.1f} s; service RSS after the run: "
+                results["stack"], theirs)
+    print(f"\nstack cached start (genrpc up to Envoy ready): {stack.start_s:.1f} s; service RSS after the run: "
           f"{service_rss:.0f} MB")
 
     if args.with_reference:
@@ -246,5 +268,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8, 16])
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per row; medians are printed")
     parser.add_argument("--with-reference", action="store_true")
     asyncio.run(main(parser.parse_args()))

@@ -91,19 +91,21 @@ async def test_eos_is_stop(engine: LlamaCppEngine) -> None:
     assert deltas[-1].finish_reason is FinishReason.STOP and deltas[-1].completion_tokens < 300
 
 
-async def test_utf8_never_split_and_every_token_counted(engine: LlamaCppEngine) -> None:
+@pytest.mark.parametrize("logprobs", [None, 0], ids=["ids-recovered", "ids-reported"])
+async def test_utf8_never_split_and_every_token_counted(engine: LlamaCppEngine, logprobs: int | None) -> None:
     # A rare character is several byte-level tokens of partial UTF-8 in SmolLM2's 49k vocabulary; a grammar makes
     # the model write it, so tokens that end mid-character are certain.
     rare = "龘"
     assert len(engine.tokenizer.encode(rare)) > 1
     deltas = await collect(engine, chat(engine, "Write a Chinese character."), max_tokens=40, temperature=0,
-                           ebnf=f'root ::= "{rare * 3}"')
+                           ebnf=f'root ::= "{rare * 3}"', logprobs=logprobs)
     assert text(deltas) == rare * 3 and deltas[-1].finish_reason is FinishReason.STOP
     for d in deltas:
         assert "\ufffd" not in d.text  # no split multi-byte character
     assert any(len(d.token_ids) > 1 for d in deltas)  # tokens merged until their character completed
     assert engine.tokenizer.decode(ids(deltas)) == rare * 3  # every token id recovered
-    assert deltas[-1].completion_tokens == len(ids(deltas))
+    # Every token is counted; without logprobs the end-of-generation token (no text) has no recovered id.
+    assert deltas[-1].completion_tokens == len(ids(deltas)) + (1 if logprobs is None else 0)
 
 
 # ---- sampling fields --------------------------------------------------------------------------------------

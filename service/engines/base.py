@@ -122,6 +122,9 @@ class GenerationDelta:
     """
 
     text: str
+    # The new tokens' ids. The llama.cpp engine reports llama.cpp's ids when the request asks for logprobs or
+    # stop_token_ids, and otherwise recovers them from the text, so a token without text (an end-of-generation
+    # token) is then counted in completion_tokens but has no id here.
     token_ids: tuple[int, ...]
     completion_tokens: int  # cumulative count of generated tokens
     prompt_tokens: int
