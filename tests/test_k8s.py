@@ -286,6 +286,41 @@ def test_placeholder_api_keys_fail_closed(overlay):
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
+def test_service_reads_the_api_keys_for_per_client_token_limits(overlay, tmp_path, monkeypatch):
+    """The service container mounts the same (hashed) Secret as Envoy's init container, read-only, and
+    GENRPC_API_KEYS_FILE points at its `keys`: the settings the container starts with yield the `tpm=N` limits of
+    the keys file (as under `genrpc up`), and the placeholder makes the service refuse to start (fails closed)."""
+    from genrpc.service.server import client_tpm
+
+    docs = render(overlay)
+    secret = find(docs, "Secret", "genrpc-api-keys")
+    service_pod = find(docs, "Deployment", "genrpc-service")["spec"]["template"]["spec"]
+    service = container(find(docs, "Deployment", "genrpc-service"), "service")
+    volumes = {v["name"]: v for v in service_pod["volumes"]}
+    mounts = {m["name"]: m for m in service["volumeMounts"]}
+    envoy_volumes = {v["name"]: v for v in find(docs, "Deployment", "genrpc-envoy")["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["api-keys"]["secret"]["secretName"] == secret["metadata"]["name"] \
+        == envoy_volumes["api-keys"]["secret"]["secretName"]  # hashed name, in sync: new keys roll both
+    assert volumes["api-keys"]["secret"]["defaultMode"] == 0o440
+    assert mounts["api-keys"]["readOnly"] is True
+    keys_file = env_of(service)["GENRPC_API_KEYS_FILE"]
+    assert keys_file == f"{mounts['api-keys']['mountPath']}/keys" == render_envoy.API_KEYS_FILE
+    assert set(secret["data"]) == {"keys"}
+
+    # the container's settings (its env, with the Secret's file where the mount puts it) -> the service's limits
+    pod_keys = _in_pod(keys_file, {"api-keys": mounts["api-keys"]["mountPath"]}, tmp_path)
+    pod_keys.parent.mkdir(parents=True)
+    for name, value in env_of(service).items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("GENRPC_API_KEYS_FILE", str(pod_keys))
+    pod_keys.write_text(SAMPLE_KEYS + "sk-k8s-test-3 team-tpm tpm=600\nsk-k8s-test-4 team-rps rps=5\n")
+    assert client_tpm(Settings()) == {"team-tpm": 600}
+    pod_keys.write_text(base64.b64decode(secret["data"]["keys"]).decode())  # the committed placeholder
+    with pytest.raises(ValueError, match="no API keys"):
+        client_tpm(Settings())
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
 def test_service_probes_target_grpc_health(overlay):
     docs = render(overlay)
     deployment = find(docs, "Deployment", "genrpc-service")
