@@ -27,13 +27,23 @@ def make_server(settings: Settings) -> uvicorn.Server:
     return uvicorn.Server(config)
 
 
-def reuse_port_socket(host: str, port: int) -> socket.socket:
-    """A listening socket that other bridge workers may bind too (SO_REUSEPORT): the kernel spreads
-    connections over the processes, so per-frame work is not bound to one GIL."""
+# Unsent bytes the kernel may hold per connection (TCP_NOTSENT_LOWAT, inherited by accepted sockets). The rest
+# waits in the connection's own write buffer, whose flow control blocks a stream's send once a client (through
+# Envoy: Envoy, for a client that stopped reading) takes nothing: the send timeout (bridge_send_timeout_s) then
+# cuts the stream. Without it the kernel's send buffer autotunes to megabytes first.
+NOTSENT_LOWAT_BYTES = 16 * 1024
+
+
+def listening_socket(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
+    """The bridge's listening socket, with NOTSENT_LOWAT_BYTES. reuse_port: other bridge workers may bind it too
+    (SO_REUSEPORT): the kernel spreads connections over the processes, so per-frame work is not bound to one GIL."""
     family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
     sock = socket.socket(family, kind, proto)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    if hasattr(socket, "TCP_NOTSENT_LOWAT"):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, NOTSENT_LOWAT_BYTES)
     sock.bind(address)
     return sock
 
@@ -47,10 +57,9 @@ async def serve(settings: Settings) -> None:
         metrics_http, _ = start_http_server(settings.bridge_metrics_port, addr=settings.host,
                                             registry=server.config.app.state.metrics.registry)
     try:
-        if settings.worker_of:  # one of --bridge-workers: the port is shared
-            await server.serve(sockets=[reuse_port_socket(settings.host, settings.bridge_port)])
-        else:
-            await server.serve()
+        # one of --bridge-workers: the port is shared
+        await server.serve(sockets=[listening_socket(settings.host, settings.bridge_port,
+                                                     reuse_port=bool(settings.worker_of))])
     finally:
         if metrics_http is not None:
             metrics_http.shutdown()

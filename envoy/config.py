@@ -55,6 +55,16 @@ CORS_EXPOSE_HEADERS = ["x-request-id", "retry-after"]
 # Unary responses are buffered whole by the transcoder: n=16 choices with logprobs run to megabytes. Not a request
 # limit, so not tied to max_request_bytes.
 MAX_RESPONSE_BYTES = 64 * 1024 * 1024
+# Envoy's per-connection buffer on the public listener and toward the SSE bridge: how much of a response Envoy holds
+# for a client that is not reading (beyond it Envoy stops reading the upstream, the bridge's writes block, and after
+# bridge_send_timeout_s the bridge cuts the stream and cancels its call). Request bodies are not limited by it:
+# json_to_metadata and the transcoder buffer up to max_request_bytes (the virtual host's request_body_buffer_limit).
+CONNECTION_BUFFER_BYTES = 256 * 1024
+# ...and the kernel's buffers around it, which autotune to megabytes (Linux): unsent bytes on a client connection
+# are capped by TCP_NOTSENT_LOWAT (Envoy keeps the rest in its own, bounded buffer; throughput is unaffected), the
+# receive buffer of a connection to the bridge by SO_RCVBUF (the kernel doubles it). Linux option numbers.
+NOTSENT_LOWAT_BYTES = 16 * 1024
+BRIDGE_RCVBUF_BYTES = 64 * 1024
 RATE_LIMIT_MESSAGE = "Rate limit reached: this endpoint allows {rps} requests per second. Retry after a second."
 CLIENT_RATE_LIMIT_MESSAGE = ("Rate limit reached for client {client}: {rps} requests per second (rps in the API keys "
                              "file). Retry after a second.")
@@ -111,12 +121,12 @@ def _is_ip(host: str) -> bool:
 
 
 def _cluster(name: str, endpoints: list[tuple[str, int]], *, http2: bool, lb_policy: str = "LEAST_REQUEST",
-             health_checked: bool = False) -> dict[str, Any]:
+             health_checked: bool = False, buffer_bytes: int = MAX_RESPONSE_BYTES) -> dict[str, Any]:
     # STRICT_DNS keeps every address a name resolves to: a Kubernetes headless Service yields one endpoint per
     # ready pod (a ClusterIP Service would yield its one virtual IP)
     discovery = "STATIC" if all(_is_ip(host) for host, _ in endpoints) else "STRICT_DNS"
     return {"name": name, "endpoints": [(host, int(port)) for host, port in endpoints], "discovery": discovery,
-            "http2": http2, "lb_policy": lb_policy, "health_checked": health_checked}
+            "http2": http2, "lb_policy": lb_policy, "health_checked": health_checked, "buffer_bytes": int(buffer_bytes)}
 
 
 def parse_upstreams(text: str) -> list[tuple[str, int]]:
@@ -189,13 +199,16 @@ def render(*, listen_host: str, listen_port: int, admin_port: int, grpc_host: st
         admin_cluster=ADMIN_CLUSTER, access_log=access_log,
         clusters=[_cluster(GRPC_CLUSTER, upstreams, http2=True, health_checked=True),
                   _cluster(AFFINITY_CLUSTER, upstreams, http2=True, lb_policy="MAGLEV", health_checked=True),
-                  _cluster(BRIDGE_CLUSTER, [(bridge_host, bridge_port)], http2=False, lb_policy="ROUND_ROBIN")],
+                  _cluster(BRIDGE_CLUSTER, [(bridge_host, bridge_port)], http2=False, lb_policy="ROUND_ROBIN",
+                           buffer_bytes=CONNECTION_BUFFER_BYTES)],
         grpc_cluster=GRPC_CLUSTER, affinity_cluster=AFFINITY_CLUSTER, affinity_header=AFFINITY_HEADER,
         bridge_cluster=BRIDGE_CLUSTER, health_service=HEALTH_SERVICE,
         health_check_interval_s=_duration(health_check_interval_s),
         health_check_timeout_s=_duration(min(health_check_interval_s, 5.0)), descriptor_path=str(descriptor_path),
         service_name=SERVICE_NAME, transcoder_name=TRANSCODER, metadata_namespace=METADATA_NAMESPACE,
         max_request_bytes=int(max_request_bytes), max_response_bytes=MAX_RESPONSE_BYTES,
+        connection_buffer_bytes=CONNECTION_BUFFER_BYTES, notsent_lowat_bytes=NOTSENT_LOWAT_BYTES,
+        bridge_rcvbuf_bytes=BRIDGE_RCVBUF_BYTES,
         too_large_message=f"The request body is larger than {int(max_request_bytes)} bytes (limit max_request_bytes).",
         unary_timeout_s=int(unary_timeout_s),
         stream_idle_timeout_s=int(stream_idle_timeout_s),

@@ -91,6 +91,27 @@ def grpc_chat_request(max_tokens: int = 2) -> chat_pb2.ChatCompletionRequest:
         chat_pb2.ChatMessage(role="user", content={"string_value": "hi"})])
 
 
+def reflection_call(address: str, metadata: tuple, credentials: grpc.ChannelCredentials | None = None):
+    """Outcome of server reflection's bidi ServerReflectionInfo (list the services) through Envoy.
+
+    With grpcio's sync API: Envoy refuses a call without a valid key on its headers (trailers-only, HTTP 200,
+    content-type application/grpc, grpc-status 16, then RST_STREAM(NO_ERROR)), which can reach the client while
+    it is still sending its first message. grpcio's asyncio API then reports that call as INTERNAL ("Internal
+    error from Core", a failed SendMessageOperation) instead of the status it received (grpc/grpc#36066, fix
+    proposed in grpc/grpc#43486); the sync API, like other gRPC implementations, reports UNAUTHENTICATED."""
+    channel = grpc.secure_channel(address, credentials) if credentials else grpc.insecure_channel(address)
+    with channel:
+        try:
+            replies = list(reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
+                iter([reflection_pb2.ServerReflectionRequest(list_services="")]), metadata=metadata, timeout=10))
+        except grpc.RpcError as e:
+            assert e.code() != grpc.StatusCode.UNAUTHENTICATED or e.details(), "UNAUTHENTICATED without a message"
+            return e.code()
+    names = {s.name for s in replies[0].list_services_response.service}
+    assert "genrpc.v1.GenerationService" in names, names
+    return grpc.StatusCode.OK
+
+
 async def grpc_calls(address: str, metadata: tuple, credentials: grpc.ChannelCredentials | None = None) -> list:
     """Outcome (a grpc.StatusCode) of every native gRPC path through Envoy: unary, stream, reflection."""
     channel = (grpc.aio.secure_channel(address, credentials) if credentials
@@ -112,21 +133,7 @@ async def grpc_calls(address: str, metadata: tuple, credentials: grpc.ChannelCre
             outcomes.append(grpc.StatusCode.OK)
         except grpc.aio.AioRpcError as e:
             outcomes.append(e.code())
-        reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
-        # A refused bidi stream may end before the client's first write; its status is then the call's code.
-        call = reflection.ServerReflectionInfo(metadata=metadata, timeout=10)
-        try:
-            await call.write(reflection_pb2.ServerReflectionRequest(list_services=""))
-            await call.done_writing()
-            reply = await call.read()
-            names = {s.name for s in reply.list_services_response.service}
-            assert "genrpc.v1.GenerationService" in names, names
-        except (grpc.aio.AioRpcError, grpc.aio.UsageError, AttributeError):
-            pass  # the RPC already ended: its code tells how
-        code = await call.code()
-        # grpc-core reports a bidi stream that Envoy refuses before the client's first write as INTERNAL
-        # ("execute_batch" failed), not the UNAUTHENTICATED trailers Envoy sent; unary and server streams see them.
-        outcomes.append(grpc.StatusCode.UNAUTHENTICATED if code == grpc.StatusCode.INTERNAL else code)
+    outcomes.append(await asyncio.to_thread(reflection_call, address, metadata, credentials))
     return outcomes
 
 
@@ -369,36 +376,77 @@ def test_slowloris_body_is_cut(secured):
     assert secured.requests_total() == before
 
 
-def test_stalled_sse_reader_frees_its_slot(secured):
-    """An SSE client that reads nothing (tiny receive buffer) of a long, fast stream: once the bridge's send has
-    been blocked for bridge_send_timeout_s (2 s here) the stream is cut and the gRPC call cancelled, so the
-    service's running count returns to 0 although the client never closes its socket.
+# What a client that stopped reading can leave unread between it and the bridge before the bridge's writes block
+# (README, "Slow clients"): through Envoy its 256 KiB per connection, TCP_NOTSENT_LOWAT 16 KiB toward the client,
+# a 64 KiB SO_RCVBUF from the bridge, the bridge's own 16 KiB + 64 KiB; measured ~0.5 MiB.
+UNREAD_BOUND_BYTES = 1024 * 1024
 
-    Sent to the bridge's port directly: through Envoy the same happens only after Envoy's per-connection buffer
-    (max_request_bytes, 32 MiB by default) has filled, which a bounded test cannot wait for."""
+
+def _stall_sse_reader(secured, address: str, auth_header: bytes) -> tuple[float, int, bytes]:
+    """A client with a tiny receive buffer that sends a streaming chat (an endless, unpaced stream), reads the
+    response headers and the first bytes, then stops reading. Returns (seconds until the service's running count
+    was 0 again, bytes that were still waiting for the client when it read again, the last of them)."""
     assert secured.running_and_waiting() == (0, 0)
     body = json.dumps({**chat_body(stream=True, max_tokens=1_000_000), "stream_options": {"include_usage": True}})
-    host, port = secured.bridge.split(":")
+    host, port = address.split(":")
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     try:
         sock.connect((host, int(port)))
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     b"X-Client-Id: team-a\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body.encode()))
-        deadline = time.monotonic() + 10
-        while secured.running_and_waiting()[0] < 1:
-            assert time.monotonic() < deadline, "the stream never started"
-            time.sleep(0.05)
-        started = time.monotonic()
-        deadline = started + 60  # the buffers (kernel + uvicorn's 64 KiB) fill first, then the send timeout runs
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n%s\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (auth_header, len(body), body.encode()))
+        sock.settimeout(10)
+        head = b""
+        while b"\r\n\r\n" not in head or b"data: " not in head:
+            head += sock.recv(1024)
+        assert head.startswith(b"HTTP/1.1 200"), head[:200]
+        stopped = time.monotonic()  # from here on the client reads nothing
+        deadline = stopped + SEND_TIMEOUT_S + 5  # the unpaced stream fills the buffers in well under a second
         while secured.running_and_waiting() != (0, 0):
-            assert time.monotonic() < deadline, "a stalled reader still holds its slot after 60 s"
-            time.sleep(0.1)
-        print(f"stalled reader's slot freed {time.monotonic() - started:.1f} s after the stream started")
-        # freed because the bridge cut the stream (not because it finished), and said so in the log
-        assert "client stopped reading" in secured.log_path.read_text(errors="replace")
+            assert time.monotonic() < deadline, f"a stalled reader still holds its slot after {SEND_TIMEOUT_S + 5} s"
+            time.sleep(0.05)
+        freed_after = time.monotonic() - stopped
+        # reading again: what was buffered on the way, then the end of the connection without [DONE] (cut)
+        unread, tail = 0, b""
+        while chunk := sock.recv(65536):
+            unread += len(chunk)
+            tail = (tail + chunk)[-4096:]
+        return freed_after, unread, tail
     finally:
         sock.close()
+
+
+def test_stalled_sse_reader_frees_its_slot(secured):
+    """An SSE client that stops reading a long, fast stream, directly on the bridge's port: once the bridge's send
+    has been blocked for bridge_send_timeout_s (2 s here) the stream is cut and the gRPC call cancelled, so the
+    service's running count returns to 0 although the client never closes its socket."""
+    freed_after, unread, tail = _stall_sse_reader(secured, secured.bridge, b"X-Client-Id: team-a")
+    print(f"bridge: stalled reader's slot freed {freed_after:.1f} s after it stopped reading; {unread} bytes unread")
+    assert b"[DONE]" not in tail and unread <= UNREAD_BOUND_BYTES
+    # freed because the bridge cut the stream (not because it finished), and said so in the log
+    assert "client stopped reading" in secured.log_path.read_text(errors="replace")
+
+
+async def test_stalled_sse_reader_through_envoy_is_cut_within_the_documented_bound(secured):
+    """The same through Envoy, as clients reach it: Envoy holds at most 256 KiB for the client and the kernel's
+    buffers on both of its sides are capped, so the bridge's writes block after ~0.5 MiB (<= 1 MiB) of unread
+    stream, and its send timeout (2 s here) cuts the stream and cancels the generation; the next requests are
+    served. (Envoy used to buffer up to max_request_bytes per connection, plus kernel buffers that autotune to
+    megabytes: a stalled reader of a slow stream held its slot for minutes.)"""
+    cut_before = secured.log_path.read_text(errors="replace").count("client stopped reading")
+    freed_after, unread, tail = _stall_sse_reader(secured, secured.envoy, b"Authorization: Bearer sk-good")
+    print(f"envoy: stalled reader's slot freed {freed_after:.1f} s after it stopped reading; {unread} bytes unread")
+    assert freed_after <= SEND_TIMEOUT_S + 5
+    assert unread <= UNREAD_BOUND_BYTES, unread
+    assert b"[DONE]" not in tail and not tail.endswith(b"0\r\n\r\n"), tail[-200:]  # cut, not finished
+    assert secured.log_path.read_text(errors="replace").count("client stopped reading") == cut_before + 1
+    async with httpx.AsyncClient(base_url=f"http://{secured.envoy}", timeout=30,
+                                 headers={"authorization": "Bearer sk-good"}) as http:
+        unary = await http.post(CHAT, json=chat_body(max_tokens=8))
+        assert unary.status_code == 200 and unary.json()["choices"][0]["message"]["content"], unary.text
+        stream = await http.post(CHAT, json=chat_body(stream=True, max_tokens=8))
+        assert stream.status_code == 200 and stream.text.rstrip().endswith("data: [DONE]"), stream.text[-200:]
+    assert secured.running_and_waiting() == (0, 0)
 
 
 def test_tokens_per_minute_window_slides():
