@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from _otlp_receiver import OTLPReceiver
 from _procs import free_port
 from genrpc import processes
-from genrpc.settings import DEFAULT_MODEL_ID
+from genrpc.settings import PORT_SETTINGS, DEFAULT_MODEL_ID
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "k8s" / "base" / "monitoring" / "genrpc-dashboard.json"
@@ -30,8 +30,7 @@ HOST = "127.0.0.1"
 @pytest.fixture(scope="module")
 def traced_stack(tmp_path_factory):
     receiver = OTLPReceiver()
-    ports = {name: free_port() for name in ("grpc_port", "bridge_port", "envoy_port", "envoy_admin_port",
-                                            "envoy_stats_port", "metrics_port", "bridge_metrics_port")}
+    ports = {name: free_port() for name in PORT_SETTINGS}
     env = {f"GENRPC_{name.upper()}": str(port) for name, port in ports.items()}
     env |= {"GENRPC_SHUTDOWN_GRACE_S": "2", "OTEL_TRACES_EXPORTER": "otlp",
             "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint, "OTEL_BSP_SCHEDULE_DELAY": "100"}
