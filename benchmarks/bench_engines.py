@@ -33,7 +33,7 @@ import openai
 
 from genrpc import processes
 
-from genrpc.settings import Settings
+from genrpc.settings import PORT_SETTINGS, Settings
 from genrpc.service.engines.base import GenerationRequest, SamplingParams
 from genrpc.service.engines.factory import llamacpp_config, reference_config
 from genrpc.service.engines.llamacpp import LlamaCppEngine
@@ -165,8 +165,7 @@ class StackUnderTest:
     """`genrpc up` (service, bridge, Envoy) on free ports, idle between the rounds driven against it."""
 
     def __init__(self, slots: int) -> None:
-        ports = {n: free_port() for n in ("grpc_port", "bridge_port", "envoy_port", "envoy_admin_port",
-                                          "metrics_port")}
+        ports = {n: free_port() for n in PORT_SETTINGS}
         env = {f"GENRPC_{n.upper()}": str(p) for n, p in ports.items()}
         env["GENRPC_MAX_BATCH_SIZE"] = str(slots)
         log = tempfile.NamedTemporaryFile(prefix="genrpc-bench-", suffix=".log", delete=False).name
@@ -186,7 +185,7 @@ class StackUnderTest:
         return bench_stack(self.base_url, Settings().model_id, USER_PROMPTS, concurrency, tokens)
 
     def service_rss_mb(self) -> float:
-        return rss_mb(service_pid(self.child.process.pid))
+        return rss_mb(service_pid(self.child.pid))
 
     def stop(self) -> None:
         self.child.stop()

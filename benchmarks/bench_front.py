@@ -34,7 +34,7 @@ import tempfile
 import time
 
 from genrpc import processes
-from genrpc.settings import Settings
+from genrpc.settings import PORT_SETTINGS, Settings
 
 PATHS = ("grpc", "grpc-envoy", "sse", "unary")
 PROCESS_NAMES = ("service", "bridge", "envoy")
@@ -196,10 +196,11 @@ class Front:
 
     def __init__(self, rate: float, workdir: pathlib.Path, service_workers: int = 1):
         from genrpc.cli import envoy_yaml, settings_env
-        from genrpc.envoy_config import envoy_command
+        from genrpc.envoy.config import envoy_command
 
-        ports = {name: free_port() for name in ("grpc_port", "bridge_port", "envoy_port", "envoy_admin_port")}
-        self.settings = Settings(engine="synthetic", synthetic_tokens_per_s=rate, max_queue=8192, metrics_port=-1,
+        ports = {name: free_port() for name in PORT_SETTINGS}
+        ports["metrics_port"] = -1
+        self.settings = Settings(engine="synthetic", synthetic_tokens_per_s=rate, max_queue=8192,
                                  shutdown_grace_s=1, log_level="warning", **ports)
         env = settings_env(self.settings)
         cli = [sys.executable, "-m", "genrpc.cli"]

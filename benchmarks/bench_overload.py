@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the
 
 from _stack_up import QueueWatch  # noqa: E402
 from genrpc import processes  # noqa: E402
-from genrpc.settings import DEFAULT_MODEL_ID  # noqa: E402
+from genrpc.settings import PORT_SETTINGS, DEFAULT_MODEL_ID  # noqa: E402
 from genrpc.v1 import chat_pb2, generation_service_pb2_grpc  # noqa: E402
 
 MESSAGES = [{"role": "user", "content": "Count from one to ten."}]
@@ -97,7 +97,7 @@ def main() -> None:
     args = parser.parse_args()
     capacity = args.slots + args.queue
     count = int(capacity * args.factor)
-    ports = {n: free_port() for n in ("grpc_port", "bridge_port", "envoy_port", "envoy_admin_port", "metrics_port")}
+    ports = {n: free_port() for n in PORT_SETTINGS}
     env = {f"GENRPC_{n.upper()}": str(p) for n, p in ports.items()}
     env.update(GENRPC_MAX_BATCH_SIZE=str(args.slots), GENRPC_MAX_QUEUE=str(args.queue))
     log = tempfile.NamedTemporaryFile(prefix="genrpc-overload-", suffix=".log", delete=False).name

@@ -31,6 +31,10 @@ class Child:
     log_path: str | None = None
     _log_file: object | None = field(default=None, repr=False)
 
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
     def alive(self) -> bool:
         return self.process.poll() is None
 

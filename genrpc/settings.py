@@ -169,3 +169,7 @@ def from_args(args: argparse.Namespace) -> Settings:
     """Builds Settings from parsed flags (only flags given on the command line override env/defaults)."""
     given: dict[str, Any] = {k: v for k, v in vars(args).items() if k in Settings.model_fields}
     return Settings(**given)
+
+
+# Every listening port of a `genrpc up` stack (tests and benchmarks give each a free one, so stacks never collide).
+PORT_SETTINGS: tuple[str, ...] = tuple(name for name in Settings.model_fields if name.endswith("_port"))

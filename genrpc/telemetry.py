@@ -6,7 +6,8 @@ exporter reads OTEL_EXPORTER_OTLP_ENDPOINT / OTEL_EXPORTER_OTLP_TRACES_ENDPOINT 
 resource reads OTEL_SERVICE_NAME / OTEL_RESOURCE_ATTRIBUTES (default service name: the process's role), and
 the sampler OTEL_TRACES_SAMPLER (default parentbased_always_on: a client's sampled flag is honoured).
 
-Context travels as W3C traceparent/tracestate (HTTP headers at the bridge, gRPC metadata at the service).
+Context travels as W3C traceparent/tracestate (HTTP headers at the bridge, gRPC metadata at the service, and a
+GenerationRequest's `trace_context` into an engine whose runtime traces itself: SGLang, see `otlp_traces_endpoint`).
 Spans carry GenAI semantic-convention attributes and never prompt or completion text.
 """
 
@@ -56,6 +57,26 @@ class Tracing:
         span.end(end_time=max(start_ns, end_ns))
 
     @staticmethod
+    def activate(span: Any) -> Any:
+        """Makes `span` the current OpenTelemetry span (of this task's context); returns the token to deactivate."""
+        from opentelemetry import context, trace
+        return context.attach(trace.set_span_in_context(span))
+
+    @staticmethod
+    def deactivate(token: Any) -> None:
+        from opentelemetry import context
+        context.detach(token)
+
+    @staticmethod
+    def current_trace_context() -> dict[str, str]:
+        """W3C traceparent/tracestate naming the current span (empty without one): what a runtime with tracing of its
+        own (SGLang) takes as the parent of its spans."""
+        from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+        carrier: dict[str, str] = {}
+        TraceContextTextMapPropagator().inject(carrier)
+        return carrier
+
+    @staticmethod
     def set_error(span: Any, description: str) -> None:
         from opentelemetry.trace import Status, StatusCode
         span.set_status(Status(StatusCode.ERROR, description))
@@ -65,11 +86,32 @@ class Tracing:
             self._provider.shutdown()  # flushes the batch processor
 
 
+def _exporters(env: Mapping[str, str]) -> list[str]:
+    """The exporters OTEL_TRACES_EXPORTER names ([] when tracing is off)."""
+    exporters = [e.strip() for e in env.get("OTEL_TRACES_EXPORTER", "none").split(",") if e.strip()]
+    if env.get("OTEL_SDK_DISABLED", "").lower() == "true" or exporters == ["none"]:
+        return []
+    return exporters
+
+
+def otlp_traces_endpoint(environ: Mapping[str, str] | None = None) -> str | None:
+    """The OTLP/HTTP traces URL genrpc's exporter sends to when OTEL_TRACES_EXPORTER includes `otlp`, else None.
+    Resolved as the exporter does: OTEL_EXPORTER_OTLP_TRACES_ENDPOINT as is, else OTEL_EXPORTER_OTLP_ENDPOINT plus
+    `/v1/traces`, else http://localhost:4318/v1/traces. For a runtime that exports its own spans (SGLang)."""
+    env = os.environ if environ is None else environ
+    if "otlp" not in _exporters(env):
+        return None
+    if env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+        return env["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"]
+    base = env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or "http://localhost:4318"
+    return f"{base.removesuffix('/')}/v1/traces"
+
+
 def configure_tracing(default_service_name: str, environ: Mapping[str, str] | None = None) -> Tracing:
     """A Tracing from the OTEL_* variables of `environ` (default: the process environment, read now)."""
     env = os.environ if environ is None else environ
-    exporters = [e.strip() for e in env.get("OTEL_TRACES_EXPORTER", "none").split(",") if e.strip()]
-    if env.get("OTEL_SDK_DISABLED", "").lower() == "true" or not exporters or exporters == ["none"]:
+    exporters = _exporters(env)
+    if not exporters:
         return Tracing()
     from opentelemetry.sdk.resources import OTELResourceDetector, Resource
     from opentelemetry.sdk.trace import TracerProvider

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 
 from genrpc.service.engines.base import Engine, GenerationRequest, SamplingParams, TokenLogprob
@@ -51,9 +51,9 @@ class ChoiceEvent:
     queue_time_s: float | None = None  # on the choice's first event, when the engine measured it
 
 
-async def _run_one(engine: Engine, spec: ChoiceSpec) -> AsyncIterator[ChoiceEvent]:
+async def _run_one(engine: Engine, spec: ChoiceSpec, trace_context: Mapping[str, str]) -> AsyncIterator[ChoiceEvent]:
     request = GenerationRequest(request_id=uuid.uuid4().hex, prompt_token_ids=spec.prompt_ids, sampling=spec.sampling,
-                                images=spec.images)
+                                images=spec.images, trace_context=trace_context)
     matcher = StopStringMatcher(spec.stop)
     parser = ToolCallParser() if spec.parse_tool_calls else None
     queue_time_s: float | None = None  # carried to the first event that is yielded
@@ -109,14 +109,17 @@ def _merged(group: list[ChoiceEvent]) -> ChoiceEvent:
                        last.completion_tokens, last.cached_tokens)
 
 
-async def run_choices(engine: Engine, specs: list[ChoiceSpec], stream_interval: int = 0) -> AsyncIterator[ChoiceEvent]:
+async def run_choices(engine: Engine, specs: list[ChoiceSpec], stream_interval: int = 0,
+                      trace_context: Mapping[str, str] | None = None) -> AsyncIterator[ChoiceEvent]:
     """Yields every choice's events as they come, coalesced (module docstring); re-raises the first failure
-    after closing the rest. Within a choice the order is kept; choices interleave freely."""
+    after closing the rest. Within a choice the order is kept; choices interleave freely. `trace_context` (W3C
+    headers of the request's span, when the service traces) goes to the engine with every choice."""
+    trace_context = trace_context or {}
     queue: asyncio.Queue[ChoiceEvent | BaseException | None] = asyncio.Queue()
 
     async def pump(spec: ChoiceSpec) -> None:
         try:
-            async with contextlib.aclosing(_run_one(engine, spec)) as events:
+            async with contextlib.aclosing(_run_one(engine, spec, trace_context)) as events:
                 async for event in events:
                     queue.put_nowait(event)
             queue.put_nowait(None)

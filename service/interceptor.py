@@ -6,7 +6,8 @@ interceptor turns any exception into a gRPC status with AIP-193 details (service
 RequestRecord (service.metrics; the servicer fills in tokens and timings), and when the RPC ends: observes the
 metrics (`genrpc_requests_total` by method and final code, tokens, latencies, per client), writes one JSON
 access-log line (logger `genrpc.access`), and, when tracing is on, records the RPC's span with its queue,
-prefill and stream phases as children, in the caller's trace (traceparent metadata). Failures that are not
+prefill and stream phases as children, in the caller's trace (traceparent metadata). The RPC's span is opened
+when the RPC starts and is the current OpenTelemetry span while it runs (the servicer hands it to the engine). Failures that are not
 the client's are logged too.
 
 A stream that ends before its body finished without an error of its own was cancelled (client cancel,
@@ -138,6 +139,15 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                                client_id=self._metrics.client_label(headers.get("x-client-id")),
                                started=time.perf_counter())
         token = current_request.set(record)
+        span = span_token = None
+        if self._tracing.enabled:
+            # Opened now and current while the RPC runs, so the engine's own tracing (SGLang) can name it as the
+            # parent of its spans (GenerationRequest.trace_context); named and filled in when the RPC ends.
+            span = self._tracing.start_server_span(
+                f"GenerationService/{method}", metadata_carrier(metadata),
+                {"rpc.system": "grpc", "rpc.service": "genrpc.v1.GenerationService", "rpc.method": method},
+                start_ns=ns_at(record.started))
+            span_token = self._tracing.activate(span)
         outcome: dict[str, grpc.StatusCode | None] = {"code": None}
         try:
             yield outcome
@@ -145,18 +155,19 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                 outcome["code"] = grpc.StatusCode.OK
         finally:
             current_request.reset(token)
+            if span_token is not None:
+                self._tracing.deactivate(span_token)
             code = outcome["code"] or grpc.StatusCode.CANCELLED  # left early without an error: cancelled
             duration_s = time.perf_counter() - record.started
             self._metrics.observe(record, code.name, duration_s)
             _log_access(record, code, duration_s)
-            if self._tracing.enabled:
-                self._trace(record, code, metadata_carrier(metadata))
+            if span is not None:
+                self._trace(span, record, code)
 
-    def _trace(self, record: RequestRecord, code: grpc.StatusCode, carrier: dict[str, str]) -> None:
-        """The RPC's span and its phases, recorded after the fact from the record's timestamps."""
+    def _trace(self, span: Any, record: RequestRecord, code: grpc.StatusCode) -> None:
+        """Completes the RPC's span and records its phases after the fact, from the record's timestamps."""
         operation = _OPERATIONS.get(record.method)
-        attributes = {"rpc.system": "grpc", "rpc.service": "genrpc.v1.GenerationService",
-                      "rpc.method": record.method, "rpc.grpc.status_code": code.value[0],
+        attributes = {"rpc.grpc.status_code": code.value[0],
                       "genrpc.request_id": record.request_id, "genrpc.client_id": record.client_id}
         if operation:
             attributes |= {"gen_ai.operation.name": operation, "gen_ai.provider.name": "genrpc",
@@ -169,9 +180,10 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                 attributes["gen_ai.response.finish_reasons"] = tuple(record.finish_reasons)
             if record.cached_prompt_tokens:
                 attributes["gen_ai.usage.cache_read.input_tokens"] = record.cached_prompt_tokens
-        name = f"{operation} {record.model}" if operation and record.model else f"GenerationService/{record.method}"
+        if operation and record.model:
+            span.update_name(f"{operation} {record.model}")
+        span.set_attributes(attributes)
         tracing = self._tracing
-        span = tracing.start_server_span(name, carrier, attributes, start_ns=ns_at(record.started))
         if code != grpc.StatusCode.OK:
             tracing.set_error(span, code.name)
         end_ns = time.time_ns()

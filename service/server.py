@@ -56,7 +56,8 @@ class GenrpcServer:
                                            limits=settings.limits(),
                                            capacity=settings.max_batch_size + settings.max_queue,
                                            stream_interval=settings.stream_interval,
-                                           response_store=self.response_store, tokens_per_minute=tokens_per_minute)
+                                           response_store=self.response_store, tokens_per_minute=tokens_per_minute,
+                                           tracing=self.tracing)
         self.health = health.aio.HealthServicer()
         self.grpc_server = grpc.aio.server(
             interceptors=[ServiceInterceptor(self.metrics, (SERVICE_NAME,), self.tracing, tokens_per_minute)],

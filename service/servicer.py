@@ -26,6 +26,7 @@ from genrpc.service.prompts import fit_messages_to_budget, message_images, rende
 from genrpc.service.responses import NULL, string_value
 from genrpc.service.responses_api import ResponsesMixin
 from genrpc.service.response_store import ResponseStore
+from genrpc.telemetry import Tracing
 
 # With `truncation: auto` and no max_tokens, keep at least this much room for the answer.
 TRUNCATION_MIN_COMPLETION_TOKENS = 256
@@ -63,7 +64,8 @@ class GenerationServicer(ResponsesMixin, generation_service_pb2_grpc.GenerationS
     def __init__(self, engine: Engine, metrics: ServiceMetrics, *, default_max_tokens: int = 0,
                  limits: validation.Limits = validation.DEFAULT_LIMITS, capacity: int = 0,
                  stream_interval: int = 0, response_store: ResponseStore | None = None,
-                 tokens_per_minute: TokensPerMinute | None = None):
+                 tokens_per_minute: TokensPerMinute | None = None, tracing: Tracing | None = None):
+        self._tracing = tracing or Tracing()  # the interceptor's: its RPC span is current while a request runs
         self._response_store = response_store  # the Responses API's store (service/responses_api.py)
         self._engine = engine
         self._tokens_per_minute = tokens_per_minute  # per-client tpm limits: charged here, checked by the interceptor
@@ -247,8 +249,11 @@ class GenerationServicer(ResponsesMixin, generation_service_pb2_grpc.GenerationS
         last_output: dict[int, tuple[float, int]] = {}  # choice -> (time, completion tokens) of its last output
         unfinished = len(prepared.specs)
         has_images = any(spec.images for spec in prepared.specs)
+        # The RPC's span (current OpenTelemetry context) for an engine with tracing of its own; nothing when off.
+        trace_context = self._tracing.current_trace_context() if self._tracing.enabled else None
         try:
-            async with contextlib.aclosing(run_choices(self._engine, prepared.specs, stream_interval)) as events:
+            async with contextlib.aclosing(run_choices(self._engine, prepared.specs, stream_interval,
+                                                       trace_context)) as events:
                 async for event in events:
                     now = time.perf_counter()
                     if record is not None:

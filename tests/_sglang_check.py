@@ -6,7 +6,8 @@ by `make test` from tests/sglang-check-requirements.txt; genrpc's own venv never
 Input: {"sampling": {id: {"params": {...}, "vocab_size": N}}, "server_args": {id: {...}}}. For each sampling case
 it runs `SamplingParams(**params)`, `.normalize(tokenizer)` and `.verify(vocab_size)`; for each server_args case
 `ServerArgs(**kwargs)`. Output: {id: {"ok": true, "fields": {...}}} or {id: {"ok": false, "error": "...",
-"type": "ValueError"}}.
+"type": "ValueError"}}. Optional: "engine_methods", "class_fields" and "function_strings" (read from SGLang's source
+with ast, for modules that do not import here) and "trace" (SGLang's own request tracing, see `run_trace`).
 
 triton (~1 GB, GPU kernels only) is not installed: SGLang's own stub for platforms without it
 (sglang/_platform_stubs.py, used on macOS) is registered before sglang is imported. Nothing checked here runs a
@@ -60,9 +61,68 @@ def engine_method_params(method: str) -> list[str] | None:
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ClassDef) and node.name == "Engine":
             for item in node.body:
-                if isinstance(item, ast.FunctionDef) and item.name == method:
+                if isinstance(item, (ast.FunctionDef, ast.AsyncFunctionDef)) and item.name == method:
                     return [a.arg for a in item.args.args + item.args.kwonlyargs]
     return None
+
+
+def class_fields(module: str, class_name: str) -> list[str] | None:
+    """Annotated fields of a class in an SGLang module (e.g. ``GenerateReqInput`` in ``srt/managers/io_struct.py``),
+    read with ast: io_struct imports the model configs (torchvision ...), which this venv does not have."""
+    import ast
+
+    path = pathlib.Path(importlib.util.find_spec("sglang").origin).parent / module
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ClassDef) and node.name == class_name:
+            return [item.target.id for item in node.body
+                    if isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name)]
+    return None
+
+
+def function_string_constants(module: str, class_name: str, function: str) -> list[str] | None:
+    """The string constants in `class_name.function` of an SGLang module (e.g. the meta_info keys a method fills)."""
+    import ast
+
+    path = pathlib.Path(importlib.util.find_spec("sglang").origin).parent / module
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ClassDef) and node.name == class_name:
+            for item in node.body:
+                if isinstance(item, ast.FunctionDef) and item.name == function:
+                    return sorted({n.value for n in ast.walk(item)
+                                   if isinstance(n, ast.Constant) and isinstance(n.value, str)})
+    return None
+
+
+def run_trace(case: dict) -> dict:
+    """SGLang's own tracing as its processes run it with `server_args` (genrpc's engine kwargs) and `environ`
+    (genrpc's engine_environ): ``process_tracing_init`` (entrypoints/engine.py), then per request what
+    tokenizer_manager.py ``_init_req_state`` -> req_time_stats.py ``init_trace_ctx`` / ``set_created_time`` /
+    ``set_finished_time`` do with ``GenerateReqInput.external_trace_header`` (genrpc's async_generate kwarg):
+    ``TraceReqContext(...).trace_req_start()`` ... ``trace_req_finish()``. The spans go to the endpoint (flushed)."""
+    import os
+
+    from sglang.srt.observability import trace as sglang_trace
+
+    os.environ.update(case["environ"])
+    args = case["server_args"]
+    if not args.get("enable_trace"):
+        return {"ok": False, "error": "enable_trace is off"}
+    sglang_trace.process_tracing_init(args["otlp_traces_endpoint"], args.get("otlp_service_name"),
+                                      trace_modules=args.get("trace_modules", "request"))
+    requests = {}
+    for rid, generate_kwargs in case["requests"].items():
+        ctx = sglang_trace.TraceReqContext(rid=rid, bootstrap_room=None, role="unified", module_name="request",
+                                           external_trace_header=generate_kwargs.get("external_trace_header"))
+        ctx.trace_req_start()
+        root = ctx.root_span
+        requests[rid] = {"tracing_enable": ctx.tracing_enable,
+                         "trace_id": format(root.get_span_context().trace_id, "032x"),
+                         "span_id": format(root.get_span_context().span_id, "016x"),
+                         "parent_span_id": format(root.parent.span_id, "016x") if root.parent else None}
+        ctx.trace_req_finish()
+    from opentelemetry import trace as otel_trace
+    flushed = otel_trace.get_tracer_provider().force_flush(10_000)
+    return {"ok": True, "flushed": flushed, "requests": requests}
 
 
 def main() -> int:
@@ -73,7 +133,11 @@ def main() -> int:
     from sglang.srt.server_args import ServerArgs
 
     results = {"sglang_version": sglang.__version__,
-               "engine_api": {m: engine_method_params(m) for m in cases.get("engine_methods", [])}}
+               "engine_api": {m: engine_method_params(m) for m in cases.get("engine_methods", [])},
+               "class_fields": {f"{module}:{name}": class_fields(module, name)
+                                for module, name in cases.get("class_fields", [])},
+               "function_strings": {f"{module}:{name}.{fn}": function_string_constants(module, name, fn)
+                                    for module, name, fn in cases.get("function_strings", [])}}
     for case_id, case in cases.get("sampling", {}).items():
         try:
             sp = SamplingParams(**case["params"])
@@ -88,6 +152,11 @@ def main() -> int:
             results[case_id] = {"ok": True, "fields": fields_of(args)}
         except Exception as exc:  # noqa: BLE001
             results[case_id] = {"ok": False, "type": type(exc).__name__, "error": str(exc)}
+    if "trace" in cases:  # last: it installs SGLang's global tracer provider in this process
+        try:
+            results["trace"] = run_trace(cases["trace"])
+        except Exception as exc:  # noqa: BLE001
+            results["trace"] = {"ok": False, "type": type(exc).__name__, "error": str(exc)}
     json.dump(results, sys.stdout)
     return 0
 

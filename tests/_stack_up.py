@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from _procs import free_port
 from genrpc import processes
 
-PORT_SETTINGS = ("grpc_port", "bridge_port", "envoy_port", "envoy_admin_port", "metrics_port")
+from genrpc.settings import PORT_SETTINGS
 
 
 class StackUp:

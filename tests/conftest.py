@@ -15,7 +15,7 @@ import pytest
 
 from genrpc import processes
 from _procs import free_port
-from genrpc.settings import DEFAULT_MODEL_ID
+from genrpc.settings import PORT_SETTINGS, DEFAULT_MODEL_ID
 
 
 class Stack:
@@ -39,8 +39,7 @@ class Stack:
 @contextlib.contextmanager
 def running_stack(directory, settings_env: dict[str, str] | None = None):
     """`genrpc up` on free loopback ports with extra GENRPC_* settings; yields a Stack once it is ready."""
-    ports = {name: free_port() for name in ("grpc_port", "bridge_port", "envoy_port", "envoy_admin_port",
-                                            "envoy_stats_port", "metrics_port", "bridge_metrics_port")}
+    ports = {name: free_port() for name in PORT_SETTINGS}
     env = {f"GENRPC_{name.upper()}": str(port) for name, port in ports.items()}
     env["GENRPC_SHUTDOWN_GRACE_S"] = "2"
     env.update(settings_env or {})

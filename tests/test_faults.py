@@ -20,7 +20,7 @@ import pytest
 from _procs import free_port
 from _stack_up import pid_listening
 from genrpc import processes
-from genrpc.settings import DEFAULT_MODEL_ID
+from genrpc.settings import PORT_SETTINGS, DEFAULT_MODEL_ID
 from genrpc.v1 import chat_pb2, generation_service_pb2_grpc
 
 LONG = [{"role": "user", "content": "Write a long story about a dragon who learns to cook."}]
@@ -28,8 +28,7 @@ LONG = [{"role": "user", "content": "Write a long story about a dragon who learn
 
 class Up:
     def __init__(self, tmp_path: Path, grace_s: float = 20):
-        self.ports = {name: free_port() for name in ("grpc_port", "bridge_port", "envoy_port", "envoy_admin_port",
-                                                     "envoy_stats_port", "metrics_port", "bridge_metrics_port")}
+        self.ports = {name: free_port() for name in PORT_SETTINGS}
         env = {f"GENRPC_{name.upper()}": str(port) for name, port in self.ports.items()}
         env["GENRPC_SHUTDOWN_GRACE_S"] = str(grace_s)
         self.log_path = tmp_path / "genrpc-up.log"

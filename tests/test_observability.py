@@ -130,3 +130,47 @@ def test_tracing_is_off_without_otel_variables_and_imports_no_sdk():
 def test_unknown_exporter_is_a_clear_error():
     with pytest.raises(ValueError, match="OTEL_TRACES_EXPORTER='zipkin'"):
         configure_tracing("x", environ={"OTEL_TRACES_EXPORTER": "zipkin"})
+
+
+async def test_the_engine_gets_the_services_span_as_trace_context(monkeypatch):
+    """With tracing on, the RPC's span is current while the request runs and the servicer hands it to the engine
+    (GenerationRequest.trace_context, W3C headers): in the client's trace, child of the service's span. An engine with
+    tracing of its own (SGLang) passes it on; tests/test_sglang_adapter.py checks SGLang's side."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from genrpc.service import server as server_module
+    from genrpc.telemetry import Tracing
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    monkeypatch.setattr(server_module, "configure_tracing", lambda name: Tracing(provider.get_tracer("t"), provider))
+    engine = ScriptedEngine(reply="Hi!", context_length=4096)
+    server, port = create_server(Settings(grpc_port=0, metrics_port=-1), engine)
+    await server.start()
+    trace_id, client_span = "0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331"
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = generation_service_pb2_grpc.GenerationServiceStub(channel)
+            await stub.CreateChatCompletion(chat(n=2), metadata=(
+                ("traceparent", f"00-{trace_id}-{client_span}-01"), ("tracestate", "client=1")))
+    finally:
+        await server.stop(0)
+    service_span = next(s for s in exporter.get_finished_spans() if s.name == "chat scripted")
+    assert format(service_span.context.trace_id, "032x") == trace_id
+    assert format(service_span.parent.span_id, "016x") == client_span
+    assert len(engine.requests) == 2  # one per choice, each with the same context
+    for request in engine.requests:
+        version, tid, parent, flags = request.trace_context["traceparent"].split("-")
+        assert (tid, parent, flags) == (trace_id, format(service_span.context.span_id, "016x"), "01")
+        assert request.trace_context["tracestate"] == "client=1"
+
+
+async def test_no_trace_context_reaches_the_engine_when_tracing_is_off(served):
+    server, stub = served
+    await stub.CreateChatCompletion(chat(max_tokens=2), metadata=(
+        ("traceparent", "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"),))
+    assert not server.tracing.enabled
+    assert server.engine.requests[-1].trace_context == {}

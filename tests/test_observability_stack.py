@@ -5,99 +5,32 @@ shipped dashboard's queries against what the stack really exports, Envoy's stats
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import re
 import sys
-import threading
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
-from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 from prometheus_client.parser import text_string_to_metric_families
 
+from _otlp_receiver import OTLPReceiver
 from _procs import free_port
 from genrpc import processes
-from genrpc.settings import DEFAULT_MODEL_ID
+from genrpc.settings import PORT_SETTINGS, DEFAULT_MODEL_ID
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "k8s" / "base" / "monitoring" / "genrpc-dashboard.json"
 HOST = "127.0.0.1"
 
 
-class OTLPReceiver:
-    """A minimal OTLP/HTTP trace receiver: decodes each POST /v1/traces (ExportTraceServiceRequest protobuf)."""
-
-    def __init__(self) -> None:
-        self.spans: list[dict] = []
-        self._lock = threading.Lock()
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 - http.server's name
-                body = self.rfile.read(int(self.headers.get("content-length", 0)))
-                if self.headers.get("content-encoding") == "gzip":
-                    body = gzip.decompress(body)
-                if self.path != "/v1/traces" or "protobuf" not in self.headers.get("content-type", ""):
-                    self.send_response(404)
-                    self.end_headers()
-                    return
-                request = trace_service_pb2.ExportTraceServiceRequest.FromString(body)
-                receiver._add(request)
-                reply = trace_service_pb2.ExportTraceServiceResponse().SerializeToString()
-                self.send_response(200)
-                self.send_header("content-type", "application/x-protobuf")
-                self.send_header("content-length", str(len(reply)))
-                self.end_headers()
-                self.wfile.write(reply)
-
-            def log_message(self, *args) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer((HOST, 0), Handler)
-        self.endpoint = f"http://{HOST}:{self.server.server_port}"
-        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self._thread.start()
-
-    def _add(self, request) -> None:
-        for resource_spans in request.resource_spans:
-            resource = {a.key: _value(a.value) for a in resource_spans.resource.attributes}
-            for scope_spans in resource_spans.scope_spans:
-                for span in scope_spans.spans:
-                    with self._lock:
-                        self.spans.append({
-                            "service": resource.get("service.name"), "name": span.name,
-                            "trace_id": span.trace_id.hex(), "span_id": span.span_id.hex(),
-                            "parent_id": span.parent_span_id.hex(), "kind": span.kind,
-                            "start": span.start_time_unix_nano, "end": span.end_time_unix_nano,
-                            "attributes": {a.key: _value(a.value) for a in span.attributes}})
-
-    def in_trace(self, trace_id: str) -> list[dict]:
-        with self._lock:
-            return [s for s in self.spans if s["trace_id"] == trace_id]
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
-def _value(any_value):
-    kind = any_value.WhichOneof("value")
-    if kind == "array_value":
-        return tuple(_value(v) for v in any_value.array_value.values)
-    return getattr(any_value, kind) if kind else None
-
-
 @pytest.fixture(scope="module")
 def traced_stack(tmp_path_factory):
     receiver = OTLPReceiver()
-    ports = {name: free_port() for name in ("grpc_port", "bridge_port", "envoy_port", "envoy_admin_port",
-                                            "envoy_stats_port", "metrics_port", "bridge_metrics_port")}
+    ports = {name: free_port() for name in PORT_SETTINGS}
     env = {f"GENRPC_{name.upper()}": str(port) for name, port in ports.items()}
     env |= {"GENRPC_SHUTDOWN_GRACE_S": "2", "OTEL_TRACES_EXPORTER": "otlp",
             "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint, "OTEL_BSP_SCHEDULE_DELAY": "100"}

@@ -28,11 +28,12 @@ from typing import Any
 import grpc
 import pytest
 
+from _otlp_receiver import OTLPReceiver
 from genrpc.settings import Settings
 from genrpc.service.engines.base import (Engine, EngineBadRequest, EngineInternalError, EngineOverloaded,
                                          EngineUnavailable, EngineUnsupported, FinishReason, GenerationRequest,
                                          SamplingParams)
-from genrpc.service.engines.factory import sglang_config
+from genrpc.service.engines.factory import sglang_config, sglang_trace_config
 from genrpc.service.engines.sglang_engine import SGLangEngine, sglang_metrics_collector
 from genrpc.service.engines.sglang_mapping import (
     SGLangEngineConfig,
@@ -40,10 +41,12 @@ from genrpc.service.engines.sglang_mapping import (
     abort_error,
     config_has_vision,
     engine_kwargs,
+    engine_environ,
     generate_kwargs,
     image_kwargs,
     map_finish_reason,
     to_sglang_sampling_params,
+    trace_kwargs,
 )
 
 QWEN_EOS = 151645  # <|im_end|>
@@ -142,6 +145,27 @@ def plain_abort(rid: str) -> dict[str, Any]:
                                             "err_type": None}, completion=1)}
 
 
+def _scheduler_time_stats(queue_time: float) -> dict[str, Any]:
+    """What `enable_metrics` adds to every item's meta_info: tokenizer_manager.py `_handle_batch_output` updates it
+    with observability/req_time_stats.py `SchedulerReqTimeStats.convert_to_output_meta_info()` (0.5.23): the storage
+    waits, wall-clock forward_entry_time / prefill_finished_time once set, and "queue_time" = queue_duration_s, the
+    seconds spent in the waiting queue before the first forward (added up in `set_forward_entry_time`)."""
+    return {"storage_prefetch_wait": 0.0, "storage_staging_wait": 0.0, "forward_entry_time": 1795000000.25,
+            "prefill_finished_time": 1795000000.31, "queue_time": queue_time}
+
+
+def metrics_stream(rid: str) -> list[dict[str, Any]]:
+    """`incremental_streaming_output=True` with SGLang's metrics on (genrpc's default): every item carries the
+    scheduler's time stats; the last also the TokenizerManager's (`APIServerReqTimeStats.convert_to_output_meta_info`:
+    request_received_ts, first_token_latency, request_finished_ts, decode_throughput) and e2e_latency."""
+    first = {**_meta(rid, finish=None, completion=1), **_scheduler_time_stats(0.125)}
+    last = {**_meta(rid, finish={"type": "length", "length": 2}, completion=2), **_scheduler_time_stats(0.125),
+            "request_received_ts": 1795000000.1, "first_token_latency": 0.21, "request_finished_ts": 1795000000.4,
+            "decode_throughput": 90.0}
+    return [{"text": "Hi", "output_ids": [13048], "meta_info": first},
+            {"text": " there", "output_ids": [1052], "meta_info": last}]
+
+
 # ------------------------------------------------------------------------------------------------------------
 # sampling params
 # ------------------------------------------------------------------------------------------------------------
@@ -220,19 +244,47 @@ def _workers_config(attach_to_pid: int = 0) -> SGLangEngineConfig:
                                   sglang_attach_pid=attach_to_pid))
 
 
+# A client's trace context as it reaches the SGLang adapter (GenerationRequest.trace_context: the service's span).
+CLIENT_TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+SERVICE_SPAN_ID = "00f067aa0ba902b7"
+TRACE_CONTEXT = {"traceparent": f"00-{CLIENT_TRACE_ID}-{SERVICE_SPAN_ID}-01", "tracestate": "client=1"}
+TRACED_RID = "5d41402abc4b2a76b9719d911017c592"
+
+
+def _traced_config(otlp_endpoint: str) -> SGLangEngineConfig:
+    """The config the factory builds with genrpc's tracing on (OTLP/HTTP to `otlp_endpoint`)."""
+    return sglang_config(Settings(engine="sglang", model="/models/Qwen2.5-7B-Instruct"),
+                         environ={"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_ENDPOINT": otlp_endpoint,
+                                  "OTEL_SERVICE_NAME": "genrpc-service"})
+
+
 @pytest.fixture(scope="module")
-def sglang_checked() -> dict[str, Any]:
+def otlp_receiver():
+    receiver = OTLPReceiver()
+    yield receiver
+    receiver.stop()
+
+
+@pytest.fixture(scope="module")
+def sglang_checked(otlp_receiver) -> dict[str, Any]:
     """SGLang's own verdicts on every case above, from one run of tests/_sglang_check.py in .venv-sglang-check."""
     if not SGLANG_CHECK_PYTHON.exists():
         pytest.fail(f"{SGLANG_CHECK_PYTHON.relative_to(ROOT)} is missing: `make test` builds it "
                     "(or `make sglang-check`)")
+    traced = _traced_config(otlp_receiver.endpoint)
     cases = {"sampling": {**{k: {"params": to_sglang_sampling_params(p), "vocab_size": QWEN_VOCAB}
                              for k, p in VERIFY_CASES.items()},
                           **{k: {"params": to_sglang_sampling_params(p), "vocab_size": vocab}
                              for k, (p, vocab) in MUST_FAIL_CASES.items()}},
              "server_args": {"qwen-yarn": engine_kwargs(_yarn_config()),
-                             "tokenizer-workers": engine_kwargs(_workers_config())},
-             "engine_methods": ["attach_tokenizer_worker"]}
+                             "tokenizer-workers": engine_kwargs(_workers_config()),
+                             "traced": engine_kwargs(traced)},
+             "engine_methods": ["attach_tokenizer_worker", "async_generate"],
+             "class_fields": [("srt/managers/io_struct.py", "GenerateReqInput")],
+             "function_strings": [("srt/observability/req_time_stats.py", "SchedulerReqTimeStats",
+                                   "convert_to_output_meta_info")],
+             "trace": {"server_args": engine_kwargs(traced), "environ": engine_environ(traced),
+                       "requests": {TRACED_RID: trace_kwargs(TRACE_CONTEXT)}}}
     out = subprocess.run([str(SGLANG_CHECK_PYTHON), str(ROOT / "tests" / "_sglang_check.py")],
                          input=json.dumps(cases), capture_output=True, text=True, timeout=300,
                          env={**os.environ, "PYTHONPATH": str(ROOT)})
@@ -272,6 +324,113 @@ def test_engine_kwargs_are_sglang_server_args(sglang_checked):
     # Incremental segments, not cumulative text (SGLang's own ServerArgs field, serving group, in 0.5.23).
     assert kwargs["incremental_streaming_output"] is True
     assert result["fields"]["incremental_streaming_output"] is True
+
+
+# ------------------------------------------------------------------------------------------------------------
+# tracing: SGLang's own, in the client's trace
+# ------------------------------------------------------------------------------------------------------------
+
+def test_sglang_traces_only_with_genrpcs_otlp_tracing():
+    assert sglang_trace_config({}) == {}
+    assert sglang_trace_config({"OTEL_TRACES_EXPORTER": "console"}) == {}  # SGLang exports over OTLP only
+    assert sglang_trace_config({"OTEL_TRACES_EXPORTER": "otlp", "OTEL_SDK_DISABLED": "true"}) == {}
+    assert sglang_trace_config({"OTEL_TRACES_EXPORTER": "otlp"}) == {
+        "enable_trace": True, "otlp_traces_endpoint": "http://localhost:4318/v1/traces", "otlp_service_name": "sglang"}
+    # the URL genrpc's OTLP/HTTP exporter resolves: the signal-specific variable as is, else the base + /v1/traces
+    assert sglang_trace_config({"OTEL_TRACES_EXPORTER": "otlp,console", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318/",
+                                "OTEL_SERVICE_NAME": "genrpc-a"}) == {
+        "enable_trace": True, "otlp_traces_endpoint": "http://c:4318/v1/traces", "otlp_service_name": "genrpc-a-sglang"}
+    assert sglang_trace_config({"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318",
+                                "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "https://t/x"})["otlp_traces_endpoint"] == "https://t/x"
+    off = engine_kwargs(sglang_config(Settings(engine="sglang", model="/m"), environ={}))
+    assert "enable_trace" not in off and "otlp_traces_endpoint" not in off
+    assert engine_environ(sglang_config(Settings(engine="sglang", model="/m"), environ={})) == {}
+    traced = _traced_config("http://collector:4318")
+    assert engine_kwargs(traced).items() >= {"enable_trace": True, "otlp_service_name": "genrpc-service-sglang",
+                                             "otlp_traces_endpoint": "http://collector:4318/v1/traces"}.items()
+    assert engine_environ(traced) == {"OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http/protobuf"}
+
+
+def test_trace_kwargs_pass_the_w3c_headers_sglang_extracts():
+    assert trace_kwargs({}) == {}
+    assert trace_kwargs({"tracestate": "a=1"}) == {}  # no parent without a traceparent
+    assert trace_kwargs(TRACE_CONTEXT) == {"external_trace_header": TRACE_CONTEXT}
+    assert trace_kwargs({**TRACE_CONTEXT, "baggage": "x=1"}) == {"external_trace_header": TRACE_CONTEXT}
+
+
+def test_sglang_accepts_the_trace_fields_genrpc_sends(sglang_checked, otlp_receiver):
+    """The names genrpc uses are SGLang 0.5.23's: ServerArgs takes the trace settings, Engine.async_generate and
+    GenerateReqInput take external_trace_header (read from SGLang's source: io_struct does not import on CPU)."""
+    result = sglang_checked["traced"]
+    assert result["ok"], result
+    assert result["fields"]["enable_trace"] is True
+    assert result["fields"]["otlp_traces_endpoint"] == f"{otlp_receiver.endpoint}/v1/traces"
+    assert result["fields"]["otlp_service_name"] == "genrpc-service-sglang"
+    assert "external_trace_header" in sglang_checked["engine_api"]["async_generate"]
+    assert "external_trace_header" in sglang_checked["class_fields"]["srt/managers/io_struct.py:GenerateReqInput"]
+
+
+def test_sglangs_own_tracing_puts_its_spans_under_the_services_span(sglang_checked, otlp_receiver):
+    """SGLang's tracing, configured by genrpc's engine kwargs and environment, extracts the request's
+    external_trace_header: its root span is a child of the service's span in the client's trace, and its spans reach
+    genrpc's OTLP/HTTP endpoint (the receiver accepts only protobuf POSTs to /v1/traces)."""
+    trace = sglang_checked["trace"]
+    assert trace["ok"], trace
+    request = trace["requests"][TRACED_RID]
+    assert request["tracing_enable"] is True
+    assert request["trace_id"] == CLIENT_TRACE_ID and request["parent_span_id"] == SERVICE_SPAN_ID
+    assert trace["flushed"] is True
+    spans = otlp_receiver.in_trace(CLIENT_TRACE_ID)
+    root = next(s for s in spans if s["span_id"] == request["span_id"])
+    assert root["parent_id"] == SERVICE_SPAN_ID and root["name"].strip() == f"Req {TRACED_RID[:8]}"  # "{role} Req …"
+    assert root["service"] == "genrpc-service-sglang" and root["attributes"]["rid"] == TRACED_RID
+    assert {s["parent_id"] for s in spans if s is not root} == {root["span_id"]}  # its thread span, below it
+
+
+async def test_generate_passes_the_requests_trace_context_to_sglang():
+    engine, fake = await _started_engine()
+    traced = GenerationRequest(request_id=uuid.uuid4().hex, prompt_token_ids=[1, 2],
+                               sampling=SamplingParams(max_tokens=4), trace_context=TRACE_CONTEXT)
+    [d async for d in engine.generate(traced)]
+    assert fake.calls[-1]["external_trace_header"] == TRACE_CONTEXT
+    [d async for d in engine.generate(_request())]
+    assert "external_trace_header" not in fake.calls[-1]  # tracing off: nothing extra
+
+
+async def test_start_sets_sglangs_otlp_protocol_when_tracing(monkeypatch):
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "grpc")  # SGLang's default; genrpc exports OTLP/HTTP
+    config = _traced_config("http://collector:4318")
+    engine = SGLangEngine(config, engine_factory=FakeSGLangEngine, tokenizer=WordTokenizer())
+    await engine.start()
+    fake = FakeSGLangEngine.instances[-1]
+    assert fake.kwargs["enable_trace"] is True
+    assert fake.kwargs["otlp_traces_endpoint"] == "http://collector:4318/v1/traces"
+    assert os.environ["OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"] == "http/protobuf"
+    await engine.shutdown()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# queue time
+# ------------------------------------------------------------------------------------------------------------
+
+def test_queue_time_is_sglangs_on_the_first_delta():
+    norm = StreamNormalizer(incremental=True, prompt_tokens=5)
+    deltas = [d for d in map(norm.feed, metrics_stream(uuid.uuid4().hex)) if d is not None]
+    assert [d.queue_time_s for d in deltas] == [0.125, None]
+    # without SGLang's metrics meta_info has no queue_time: not measured
+    norm = StreamNormalizer(incremental=True)
+    assert [d.queue_time_s for d in map(norm.feed, incremental_stream("r")) if d] == [None, None]
+    # cumulative mode: a repeated item yields nothing, the first delta still carries it
+    norm = StreamNormalizer()
+    items = metrics_stream("r")
+    first = dict(items[0], text="", output_ids=[])
+    assert norm.feed(first) is None and norm.feed(items[0]).queue_time_s == 0.125
+
+
+def test_queue_time_key_is_what_sglangs_scheduler_reports(sglang_checked):
+    keys = sglang_checked["function_strings"][
+        "srt/observability/req_time_stats.py:SchedulerReqTimeStats.convert_to_output_meta_info"]
+    assert "queue_time" in keys and "forward_entry_time" in keys
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -111,6 +111,10 @@ class GenerationRequest:
     # prompt_token_ids, in the same order. The engine's multimodal processor expands each placeholder to the
     # image's real token count, so the prompt the model sees is longer than prompt_token_ids.
     images: tuple[str, ...] = ()
+    # W3C trace context headers (`traceparent`, optionally `tracestate`) naming the service's span for this
+    # request, set only when the service traces (empty otherwise). An engine whose runtime has tracing of its own
+    # (SGLang) passes them on so the runtime's spans join the client's trace; the others ignore them.
+    trace_context: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

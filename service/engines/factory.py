@@ -6,9 +6,13 @@ happen only for the engine chosen.
 
 from __future__ import annotations
 
+import os
 import pathlib
+from collections.abc import Mapping
+from typing import Any
 
 from genrpc.settings import Settings
+from genrpc.telemetry import otlp_traces_endpoint
 from genrpc.service.engines.base import Engine
 from genrpc.service.engines.gguf_files import bundled_gguf_path
 from genrpc.service.engines.llamacpp.engine import LlamaCppEngineConfig
@@ -24,7 +28,21 @@ def reference_config(settings: Settings) -> ReferenceEngineConfig:
         batch_invariant=settings.reference_batch_invariant)
 
 
-def sglang_config(settings: Settings) -> SGLangEngineConfig:
+def sglang_trace_config(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """SGLang's own tracing, from the same OTEL_* variables as genrpc's: on when genrpc exports over OTLP, to the same
+    OTLP/HTTP URL. Its spans carry service.name `<OTEL_SERVICE_NAME>-sglang` (SGLang's default, `sglang`, without
+    one), so they never pass for genrpc's own."""
+    env = os.environ if environ is None else environ
+    endpoint = otlp_traces_endpoint(env)
+    if endpoint is None:
+        return {}
+    name = env.get("OTEL_SERVICE_NAME")
+    return {"enable_trace": True, "otlp_traces_endpoint": endpoint,
+            "otlp_service_name": f"{name}-sglang" if name else "sglang"}
+
+
+def sglang_config(settings: Settings, environ: Mapping[str, str] | None = None) -> SGLangEngineConfig:
+    """`environ` (default: the process environment) holds the OTEL_* variables (sglang_trace_config)."""
     return SGLangEngineConfig(
         model=settings.model, model_id=settings.model_id, tp_size=settings.tp_size, dp_size=settings.dp_size,
         mem_fraction_static=settings.mem_fraction_static, context_length=settings.context_length,
@@ -33,7 +51,7 @@ def sglang_config(settings: Settings) -> SGLangEngineConfig:
         enable_metrics=settings.metrics_port != -1,
         max_running_requests=settings.sglang_max_running_requests, max_queued_requests=settings.max_queue,
         extra_args=settings.sglang_extra_args, tokenizer_worker_num=settings.service_workers,
-        attach_to_pid=settings.sglang_attach_pid)
+        attach_to_pid=settings.sglang_attach_pid, **sglang_trace_config(environ))
 
 
 def llamacpp_config(settings: Settings) -> LlamaCppEngineConfig:

@@ -22,6 +22,12 @@ How it uses SGLang (all read from SGLang 0.5.23's source, see service/engines/sg
   process tree). genrpc drains itself (NOT_SERVING, grace period, then ``shutdown()``), so ``start()`` puts
   back whatever SIGTERM handler the loop had before the warm-up. SGLang's SIGQUIT handler (a child process
   died: kill the tree) is kept.
+- Tracing: with ``enable_trace`` (on when genrpc exports traces over OTLP, engines/factory.py) SGLang exports its own
+  request spans to the same OTLP/HTTP endpoint, and each request's ``trace_context`` (the service's span) goes in as
+  ``external_trace_header``, so they are children of the service's span in the client's trace (sglang_mapping.py,
+  "Tracing").
+- Queue time: the first delta's ``queue_time_s`` is SGLang's ``meta_info["queue_time"]`` (measured by its scheduler;
+  reported with ``enable_metrics``).
 - Metrics: with ``enable_metrics`` SGLang's scheduler/detokenizer processes write Prometheus multiprocess
   files under ``PROMETHEUS_MULTIPROC_DIR``; its TokenizerManager (in this process) registers on
   prometheus_client's default REGISTRY. `prometheus_collectors()` (the optional `ExportsMetrics` hook) exports
@@ -48,10 +54,12 @@ from genrpc.service.engines.sglang_mapping import (
     SGLangEngineConfig,
     StreamNormalizer,
     config_has_vision,
+    engine_environ,
     engine_kwargs,
     generate_kwargs,
     image_kwargs,
     to_sglang_sampling_params,
+    trace_kwargs,
 )
 
 __all__ = ["SGLANG_VERSION", "SGLangEngine", "SGLangEngineConfig", "sglang_metrics_collector"]
@@ -113,6 +121,7 @@ class SGLangEngine:
         kwargs = engine_kwargs(self._config)
         if kwargs.get("enable_metrics"):
             prepare_metrics_dir()
+        os.environ.update(engine_environ(self._config))  # before SGLang starts its processes (they inherit it)
         factory = self._engine_factory
         if factory is None:
             import sglang  # heavy and GPU-only: imported here, never at module import
@@ -154,6 +163,7 @@ class SGLangEngine:
             import sglang
 
             factory = sglang.Engine
+        os.environ.update(engine_environ(self._config))
         self._engine = factory(**engine_kwargs(self._config))
 
     async def _warm_up(self) -> None:
@@ -218,7 +228,8 @@ class SGLangEngine:
                 stream = await engine.async_generate(input_ids=[int(t) for t in request.prompt_token_ids],
                                                      sampling_params=sampling_params, stream=True, rid=rid,
                                                      **generate_kwargs(request.sampling),
-                                                     **image_kwargs(images))
+                                                     **image_kwargs(images),
+                                                     **trace_kwargs(request.trace_context))
             except ValueError as exc:  # SGLang's request validation
                 raise EngineBadRequest(str(exc), field=REQUEST_FIELD) from exc
             except Exception as exc:  # noqa: BLE001 - the runtime's own failure, as a typed engine error

@@ -11,6 +11,11 @@ Everything here was written against SGLang 0.5.23's source:
   ``incremental_streaming_output=False`` both ``text`` and ``output_ids`` are *cumulative*; ``meta_info``
   carries ``id``, ``finish_reason`` (None until the last item), ``prompt_tokens``, ``completion_tokens``,
   ``cached_tokens``; an abort item built by ``_handle_abort_req`` has no ``prompt_tokens``/``cached_tokens``.
+- ``meta_info["queue_time"]`` (tokenizer_manager.py ``_handle_batch_output``: with ``enable_metrics`` every item's
+  meta_info is updated with observability/req_time_stats.py ``SchedulerReqTimeStats.convert_to_output_meta_info``):
+  seconds the request spent in the scheduler's waiting queue before its first forward (``queue_duration_s``, added
+  up in ``set_forward_entry_time``); absent without SGLang's metrics.
+- Tracing (``external_trace_header``, ``enable_trace`` ...): see "Tracing" below.
 - ``python/sglang/srt/managers/schedule_batch.py`` (``FINISH_*.to_json``): finish reasons are
   ``{"type": "stop", "matched": int|str}``, ``{"type": "length", "length": N}`` or
   ``{"type": "abort", "message", "status_code", "err_type"}`` (status_code may be None or missing).
@@ -164,6 +169,45 @@ def generate_kwargs(params: SamplingParams) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------------------------
+# Tracing
+# --------------------------------------------------------------------------------------------------------------
+#
+# SGLang 0.5.23 traces requests itself with OpenTelemetry (python/sglang/srt/observability/trace.py):
+#
+# - ServerArgs (arg_groups/fields/observability.py): ``enable_trace`` (off by default), ``otlp_traces_endpoint``
+#   (default "localhost:4317"), ``otlp_service_name`` (None: OTEL_SERVICE_NAME, else "sglang"), ``trace_modules``
+#   (default "request"). With ``enable_trace`` every SGLang process (entrypoints/engine.py for the TokenizerManager
+#   in this process, scheduler.py, data_parallel_controller.py, multi_tokenizer_mixin.py for attached tokenizer
+#   workers) calls ``process_tracing_init(otlp_traces_endpoint, otlp_service_name)``, which builds a BatchSpanProcessor
+#   over ``get_otlp_span_exporter(endpoint)``: the OTLP/gRPC exporter unless OTEL_EXPORTER_OTLP_TRACES_PROTOCOL is
+#   "http/protobuf", then the OTLP/HTTP exporter with ``endpoint`` as the full URL. trace.py imports both exporters
+#   in one ``try``: without ``opentelemetry-exporter-otlp-proto-grpc`` (sglang's ``tracing`` extra) it reports
+#   opentelemetry as missing and ``process_tracing_init`` raises, so genrpc's ``sglang`` extra installs it.
+# - Per request: ``Engine.async_generate(external_trace_header=...)`` -> ``GenerateReqInput.external_trace_header``;
+#   tokenizer_manager.py ``_init_req_state`` hands it (only when ``enable_trace``) to
+#   req_time_stats.py ``init_trace_ctx`` -> ``TraceReqContext(rid, external_trace_header=...)``, whose
+#   ``trace_req_start`` extracts it with the W3C TraceContextTextMapPropagator (the keys of ``TRACE_HEADERS``:
+#   traceparent, tracestate) as the parent of the request's root span "Req <rid[:8]>" (tokenize, dispatch,
+#   scheduler queue/prefill/decode slices below it).
+
+# The headers SGLang's TraceReqContext extracts (trace.py TRACE_HEADERS).
+TRACE_HEADERS = ("traceparent", "tracestate")
+
+
+def trace_kwargs(trace_context: Mapping[str, str]) -> dict[str, Any]:
+    """Extra ``async_generate`` arguments for a request's W3C trace context: ``external_trace_header`` when there is
+    a traceparent (SGLang ignores it unless started with ``enable_trace``); nothing otherwise."""
+    header = {k: str(trace_context[k]) for k in TRACE_HEADERS if trace_context.get(k)}
+    return {"external_trace_header": header} if "traceparent" in header else {}
+
+
+def engine_environ(config: SGLangEngineConfig) -> dict[str, str]:
+    """Environment SGLang's processes must see before ``sglang.Engine`` starts them (they inherit it): with tracing,
+    OTLP/HTTP, the protocol of genrpc's own exporter, so ``otlp_traces_endpoint`` is the same URL."""
+    return {"OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http/protobuf"} if config.enable_trace else {}
+
+
+# --------------------------------------------------------------------------------------------------------------
 # Images (vision models)
 # --------------------------------------------------------------------------------------------------------------
 #
@@ -234,6 +278,7 @@ class StreamNormalizer:
         self.cached_tokens = 0
         self.finished = False
         self._logprobs_len = 0
+        self._queue_time_reported = False
 
     def feed(self, item: Mapping[str, Any]) -> GenerationDelta | None:
         meta: Mapping[str, Any] = item.get("meta_info") or {}
@@ -260,9 +305,16 @@ class StreamNormalizer:
         if not new_text and not new_ids and finish is None:
             return None
         self.finished = finish is not None
+        queue_time_s = None
+        if not self._queue_time_reported:  # on the first delta only (module docstring: meta_info["queue_time"])
+            self._queue_time_reported = True
+            queue_time = meta.get("queue_time")
+            if isinstance(queue_time, (int, float)) and queue_time >= 0:
+                queue_time_s = float(queue_time)
         return GenerationDelta(text=new_text, token_ids=tuple(int(t) for t in new_ids),
                                completion_tokens=self.completion_tokens, prompt_tokens=self.prompt_tokens,
-                               finish_reason=finish, cached_prompt_tokens=self.cached_tokens, logprobs=logprobs)
+                               finish_reason=finish, cached_prompt_tokens=self.cached_tokens, logprobs=logprobs,
+                               queue_time_s=queue_time_s)
 
     def _new_logprobs(self, meta: Mapping[str, Any]) -> tuple[TokenLogprob, ...]:
         """meta_info["output_token_logprobs"]: [(logprob, token_id, text|None), ...] and
@@ -310,6 +362,12 @@ class SGLangEngineConfig:
     # serves gRPC on the same port. attach_to_pid > 0: attach to that process's engine instead of building one.
     tokenizer_worker_num: int = 1
     attach_to_pid: int = 0
+    # SGLang's own request tracing (see "Tracing"): on when genrpc's is (OTEL_TRACES_EXPORTER=otlp), exporting over
+    # OTLP/HTTP to the same URL as genrpc's spans; requests carry their traceparent, so SGLang's spans are children
+    # of the service's.
+    enable_trace: bool = False
+    otlp_traces_endpoint: str = ""  # a full OTLP/HTTP URL, e.g. http://collector:4318/v1/traces
+    otlp_service_name: str = ""  # "" = SGLang's default (OTEL_SERVICE_NAME, else "sglang")
 
 
 def engine_kwargs(config: SGLangEngineConfig) -> dict[str, Any]:
@@ -347,6 +405,11 @@ def engine_kwargs(config: SGLangEngineConfig) -> dict[str, Any]:
         kwargs["max_running_requests"] = config.max_running_requests
     if config.max_queued_requests > 0:
         kwargs["max_queued_requests"] = config.max_queued_requests
+    if config.enable_trace:  # with engine_environ(config) in the environment (OTLP/HTTP)
+        kwargs["enable_trace"] = True
+        kwargs["otlp_traces_endpoint"] = config.otlp_traces_endpoint
+        if config.otlp_service_name:
+            kwargs["otlp_service_name"] = config.otlp_service_name
     if config.extra_args:
         parsed = json.loads(config.extra_args)
         if not isinstance(parsed, dict):
