@@ -23,6 +23,7 @@ from google.protobuf import json_format, struct_pb2
 
 from genrpc.v1 import chat_pb2, responses_pb2
 from genrpc.service import validation
+from genrpc.service.admission import within_capacity
 from genrpc.service.errors import InvalidArgument, ModelNotFound, ServiceError, UnsupportedParameter
 from genrpc.service.interceptor import reported_error
 from genrpc.service.response_store import ResponseStore, StoredResponse
@@ -545,6 +546,7 @@ class ResponsesMixin:
     # Like every GenerationService method, these only return or yield messages and raise; service.interceptor
     # maps the errors, counts and logs each RPC.
 
+    @within_capacity
     async def CreateResponse(self, request: responses_pb2.CreateResponseRequest, context):
         if request.stream:
             raise InvalidArgument("stream", "'stream' is true; call the streaming StreamResponse RPC instead.")
@@ -555,6 +557,7 @@ class ResponsesMixin:
                 pass
         return run.response
 
+    @within_capacity
     async def StreamResponse(self, request: responses_pb2.CreateResponseRequest, context):
         if request.HasField("stream") and not request.stream:
             raise InvalidArgument("stream", "'stream' is false; call CreateResponse for a whole response.")

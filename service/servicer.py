@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from genrpc.v1 import chat_pb2, completion_pb2, generation_service_pb2_grpc, model_pb2
 from genrpc.service import responses, validation
+from genrpc.service.admission import within_capacity
 from genrpc.service.client_limits import TokensPerMinute, current_client
 from genrpc.service.choices import ChoiceEvent, ChoiceSpec, run_choices
 from genrpc.service.constraints import Constraint, forced_tool_call_grammar, response_format_constraint
@@ -84,9 +85,10 @@ class GenerationServicer(ResponsesMixin, generation_service_pb2_grpc.GenerationS
 
     # ---- admission -------------------------------------------------------------------------------------
 
-    def _cost(self, request: chat_pb2.ChatCompletionRequest | completion_pb2.CompletionRequest) -> int:
+    def _cost(self, request) -> int:
         """Engine requests this RPC will hold (n per prompt), read from the raw message without validating it."""
-        n = min(max(request.n, 1), self._limits.max_n) if request.HasField("n") else 1
+        has_n = "n" in request.DESCRIPTOR.fields_by_name and request.HasField("n")  # Responses have no n
+        n = min(max(request.n, 1), self._limits.max_n) if has_n else 1
         prompts = 1
         if isinstance(request, completion_pb2.CompletionRequest) and request.prompt.HasField("list_value"):
             items = request.prompt.list_value.values
@@ -296,13 +298,8 @@ class GenerationServicer(ResponsesMixin, generation_service_pb2_grpc.GenerationS
             return NULL
         return responses.chat_logprobs(self._engine.tokenizer, items)
 
+    @within_capacity
     async def Chat(self, request: chat_pb2.ChatCompletionRequest, context):
-        with self._admission(request):
-            async with contextlib.aclosing(self._chat_admitted(request)) as chunks:
-                async for chunk in chunks:
-                    yield chunk
-
-    async def _chat_admitted(self, request: chat_pb2.ChatCompletionRequest):
         if request.HasField("stream") and not request.stream:
             raise InvalidArgument("stream", "'stream' is false; call CreateChatCompletion for a whole response.")
         stream_interval = self._request_stream_interval(request)
@@ -356,11 +353,8 @@ class GenerationServicer(ResponsesMixin, generation_service_pb2_grpc.GenerationS
                 cached = max(cached, event.cached_tokens)
         return states, cached
 
+    @within_capacity
     async def CreateChatCompletion(self, request: chat_pb2.ChatCompletionRequest, context):
-        with self._admission(request):
-            return await self._create_chat_completion_admitted(request)
-
-    async def _create_chat_completion_admitted(self, request: chat_pb2.ChatCompletionRequest):
         if request.stream:
             raise InvalidArgument("stream", "'stream' is true; call the streaming Chat RPC instead.")
         prepared = await self._prepare_chat(request)
@@ -386,13 +380,8 @@ class GenerationServicer(ResponsesMixin, generation_service_pb2_grpc.GenerationS
             return NULL
         return responses.completion_logprobs(self._engine.tokenizer, items, offset)
 
+    @within_capacity
     async def Generate(self, request: completion_pb2.CompletionRequest, context):
-        with self._admission(request):
-            async with contextlib.aclosing(self._generate_admitted(request)) as chunks:
-                async for chunk in chunks:
-                    yield chunk
-
-    async def _generate_admitted(self, request: completion_pb2.CompletionRequest):
         if request.HasField("stream") and not request.stream:
             raise InvalidArgument("stream", "'stream' is false; call CreateCompletion for a whole response.")
         stream_interval = self._request_stream_interval(request)
@@ -418,11 +407,8 @@ class GenerationServicer(ResponsesMixin, generation_service_pb2_grpc.GenerationS
             if last and prepared.decoding.include_usage:
                 yield completion_pb2.Completion(**base, usage=usage)
 
+    @within_capacity
     async def CreateCompletion(self, request: completion_pb2.CompletionRequest, context):
-        with self._admission(request):
-            return await self._create_completion_admitted(request)
-
-    async def _create_completion_admitted(self, request: completion_pb2.CompletionRequest):
         if request.stream:
             raise InvalidArgument("stream", "'stream' is true; call the streaming Generate RPC instead.")
         prepared = await self._prepare_completion(request)

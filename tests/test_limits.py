@@ -14,7 +14,7 @@ from grpc_status import rpc_status
 
 from genrpc.service.server import create_server
 from genrpc.settings import Settings
-from genrpc.v1 import chat_pb2, completion_pb2, generation_service_pb2_grpc
+from genrpc.v1 import chat_pb2, completion_pb2, generation_service_pb2_grpc, responses_pb2
 from tests.scripted_engine import ScriptedEngine
 
 REPLY = "Hello world! Bye."
@@ -127,6 +127,16 @@ async def test_admission_refuses_beyond_slots_plus_queue_with_retry_info():
         found = details(error)
         assert found["ErrorInfo"].reason == "SERVER_OVERLOADED" and found["ErrorInfo"].metadata["limit"] == "max_queue"
         assert found["RetryInfo"].retry_delay.ToTimedelta().total_seconds() == 1
+        # every generating RPC is refused alike, the Responses API included, before reaching the engine
+        response = json_format.ParseDict({"model": "scripted", "input": "hi", "max_output_tokens": 1},
+                                         responses_pb2.CreateResponseRequest())
+        completion = completion_pb2.CompletionRequest(model="scripted", prompt={"string_value": "x"})
+        for name, call in (("CreateResponse", lambda: stub.CreateResponse(response)),
+                           ("StreamResponse", lambda: stub.StreamResponse(response).read()),
+                           ("Generate", lambda: stub.Generate(completion).read())):
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await call()
+            assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, (name, caught.value.details())
         assert len(engine.requests) == 2  # the refused request never reached the engine
         for s in streams:  # the admitted ones complete
             last = None
