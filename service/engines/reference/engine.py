@@ -233,6 +233,9 @@ class ReferenceEngine:
 
     def _admit(self, batch: SharedBatch, job: Job) -> None:
         """Prefills a job alone, emits its first token and merges it into the batch (or frees its slot)."""
+        if job.cancelled:  # its consumer left while the jobs taken before it were prefilled: no prefill
+            self._release(1)
+            return
         try:
             logits, cache = batch.prefill(job)
             vocab = logits.shape[-1]
