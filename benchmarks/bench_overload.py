@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import json
 import socket
 import sys
 import tempfile
@@ -136,6 +138,28 @@ def main() -> None:
               f"max running: {watch.max_running:.0f} (slots {args.slots})")
     finally:
         child.stop()
+    print("  refusals timed by Envoy (access log duration: first request byte to last response byte, so without "
+          "the load client's own queueing):")
+    for route, durations in sorted(envoy_refusal_durations_ms(log).items()):
+        print(f"    {route:4s}: {len(durations)} refused, p50 {percentile(durations, .5):.0f} ms, "
+              f"p99 {percentile(durations, .99):.0f} ms")
+
+
+def envoy_refusal_durations_ms(log_path: str) -> dict[str, list[float]]:
+    """Envoy's access-log duration of each 429 / RESOURCE_EXHAUSTED, per path kind (rest, sse, grpc); `genrpc up`
+    logs Envoy's JSON access lines on its stdout."""
+    found: dict[str, list[float]] = {}
+    with open(log_path, errors="replace") as lines:
+        for line in lines:
+            if '"duration_ms"' not in line:
+                continue
+            with contextlib.suppress(ValueError):
+                entry = json.loads(line)
+                if str(entry.get("status")) == "429" or entry.get("grpc_status") == "ResourceExhausted":
+                    path = entry.get("path") or ""
+                    kind = "sse" if entry.get("route") == "stream" else "grpc" if path.startswith("/genrpc") else "rest"
+                    found.setdefault(kind, []).append(float(entry["duration_ms"]))
+    return found
 
 
 if __name__ == "__main__":

@@ -2,10 +2,10 @@
 default; GENRPC_TEST_STORM_STREAMS changes it), half SSE through Envoy and half native gRPC through Envoy, each
 cancelled at a random point; three rounds.
 
-The engine is the synthetic one (no model: a token source paced per stream, engines/synthetic.py): 1,000
-concurrent streams of a real model do not fit a bounded test on a shared 2-core CPU. The storm against the real
-engines (llama.cpp, the default, or the reference engine) runs in benchmarks/bench_cancel_storm.py
-(--engine llamacpp|reference --streams N)."""
+The first test's engine is the synthetic one (no model: a token source paced per stream, engines/synthetic.py),
+so that 1,000 streams per round fit a bounded test; the second storms the default llama.cpp engine with the bundled
+model (fewer streams, same checks). Longer runs against the real engines: benchmarks/bench_cancel_storm.py
+(--engine llamacpp|reference --streams N --rounds N)."""
 
 from __future__ import annotations
 
@@ -60,4 +60,37 @@ async def test_cancel_storm_drains_within_a_second_and_rss_stays_flat(synthetic)
             "model": DEFAULT_MODEL_ID, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3})
         assert resp.status_code == 200, resp.text
         assert resp.json()["choices"][0]["finish_reason"] == "length"
+        assert resp.json()["usage"]["completion_tokens"] == 3
+
+
+LLAMACPP_STREAMS = 300
+
+
+@pytest.fixture(scope="module")
+def llamacpp(tmp_path_factory):
+    stack = StackUp(tmp_path_factory.mktemp("storm-llamacpp"), os.getpid() % 10000 + 720, engine="llamacpp",
+                    max_queue=4 * LLAMACPP_STREAMS)
+    try:
+        yield stack
+    finally:
+        stack.stop()
+
+
+async def test_cancel_storm_on_the_llamacpp_engine_frees_every_slot(llamacpp):
+    rss = [llamacpp.service_rss_bytes()]
+    for round_number in range(2):
+        result = await storm_round(llamacpp.envoy, DEFAULT_MODEL_ID, LLAMACPP_STREAMS, llamacpp.running_and_waiting,
+                                   seed=round_number, max_tokens=1000)
+        rss.append(llamacpp.service_rss_bytes())
+        print(f"llama.cpp round {round_number + 1}: opened {result.opened}, refused {result.refused}, drained "
+              f"{result.drain_s * 1000:.0f} ms after the last cancel, service RSS {rss[-1] / 2**20:.1f} MiB")
+        assert result.refused == 0
+        assert result.opened >= LLAMACPP_STREAMS * 0.8, result
+        assert result.drain_s < 1.0, result
+    assert rss[2] / rss[1] - 1 < 0.05, rss
+    async with httpx.AsyncClient(base_url=f"http://{llamacpp.envoy}", timeout=60) as http:
+        resp = await http.post("/v1/chat/completions", json={
+            "model": DEFAULT_MODEL_ID, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3,
+            "ignore_eos": True})
+        assert resp.status_code == 200, resp.text
         assert resp.json()["usage"]["completion_tokens"] == 3
