@@ -18,6 +18,21 @@ from genrpc import processes
 from genrpc.settings import PORT_SETTINGS
 
 
+def scrape(url: str) -> dict[str, float]:
+    """Every sample of a Prometheus endpoint, keyed `name{label="value",...}` (labels sorted)."""
+    samples = {}
+    for family in text_string_to_metric_families(httpx.get(url, timeout=10).text):
+        for sample in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+            samples[f"{sample.name}{{{labels}}}"] = sample.value
+    return samples
+
+
+def metric_sum(samples: dict[str, float], name: str) -> float:
+    """The sum of `name` over all its label sets (e.g. every model_name of a gauge)."""
+    return sum(value for key, value in samples.items() if key.startswith(name + "{"))
+
+
 class StackUp:
     """`genrpc up` with `settings` (Settings field -> value, passed as GENRPC_* env vars); stop() stops it and
     checks nothing still listens on its ports."""
@@ -49,21 +64,14 @@ class StackUp:
 
     def metrics(self) -> dict[str, float]:
         """Every sample of the service's /metrics, keyed `name{label="value",...}` (labels sorted)."""
-        text = httpx.get(self.metrics_url, timeout=10).text
-        samples = {}
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
-                samples[f"{sample.name}{{{labels}}}"] = sample.value
-        return samples
+        return scrape(self.metrics_url)
 
     def requests_total(self) -> float:
-        return sum(v for k, v in self.metrics().items() if k.startswith("genrpc_requests_total{"))
+        return metric_sum(self.metrics(), "genrpc_requests_total")
 
     def running_and_waiting(self) -> tuple[float, float]:
         m = self.metrics()
-        return (sum(v for k, v in m.items() if k.startswith("genrpc_running_requests{")),
-                sum(v for k, v in m.items() if k.startswith("genrpc_waiting_requests{")))
+        return metric_sum(m, "genrpc_running_requests"), metric_sum(m, "genrpc_waiting_requests")
 
     def service_rss_bytes(self) -> int:
         pid = pid_listening(self.ports["grpc_port"])

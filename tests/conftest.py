@@ -6,15 +6,14 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
-import re
 import socket
 import sys
 
-import httpx
 import pytest
 
 from genrpc import processes
 from _procs import free_port
+from _stack_up import metric_sum, scrape
 from genrpc.settings import PORT_SETTINGS, DEFAULT_MODEL_ID
 
 
@@ -32,8 +31,7 @@ class Stack:
 
     def running_requests(self) -> float:
         """The service's genrpc_running_requests gauge."""
-        text = httpx.get(self.metrics_url).text
-        return float(re.search(r"^genrpc_running_requests\{[^}]*\} (\S+)$", text, re.M).group(1))
+        return metric_sum(scrape(self.metrics_url), "genrpc_running_requests")
 
 
 @contextlib.contextmanager

@@ -20,7 +20,6 @@ import re
 import signal
 import sys
 import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +28,7 @@ import httpx
 import pytest
 
 from _procs import HOST, Proc, free_port, run_envoy, spawn, wait_until
+from _stack_up import metric_sum, scrape
 from genrpc.envoy import config as envoy_config
 from genrpc.processes import grpc_serving, http_ok
 from genrpc.v1 import chat_pb2, generation_service_pb2_grpc
@@ -52,14 +52,11 @@ class Replica:
 
     def served(self) -> int:
         """Finished RPCs of GenerationService on this replica (any method, any code)."""
-        with urllib.request.urlopen(f"http://{HOST}:{self.metrics_port}/metrics", timeout=5) as response:
-            text = response.read().decode()
-        return round(sum(float(v) for v in re.findall(r"^genrpc_requests_total\{[^}]*\} (\S+)$", text, re.M)))
+        return round(metric_sum(scrape(f"http://{HOST}:{self.metrics_port}/metrics"), "genrpc_requests_total"))
 
     def running(self) -> int:
         """Requests this replica's engine is running now."""
-        with urllib.request.urlopen(f"http://{HOST}:{self.metrics_port}/metrics", timeout=5) as response:
-            return round(float(re.search(r"^genrpc_running_requests\{[^}]*\} (\S+)$", response.read().decode(), re.M)[1]))
+        return round(metric_sum(scrape(f"http://{HOST}:{self.metrics_port}/metrics"), "genrpc_running_requests"))
 
 
 @dataclass
