@@ -65,6 +65,10 @@ CONNECTION_BUFFER_BYTES = 256 * 1024
 # receive buffer of a connection to the bridge by SO_RCVBUF (the kernel doubles it). Linux option numbers.
 NOTSENT_LOWAT_BYTES = 16 * 1024
 BRIDGE_RCVBUF_BYTES = 64 * 1024
+# The HTTP/2 stream window toward the service (default 256 MiB): what one gRPC stream may have in flight before the
+# service's writes wait, so a native gRPC client that stopped reading stalls the service's writes after this and
+# the service's send timeout (--send-timeout-s) cuts it. Far above what a stream of tokens needs in flight.
+SERVICE_STREAM_WINDOW_BYTES = 1024 * 1024
 RATE_LIMIT_MESSAGE = "Rate limit reached: this endpoint allows {rps} requests per second. Retry after a second."
 CLIENT_RATE_LIMIT_MESSAGE = ("Rate limit reached for client {client}: {rps} requests per second (rps in the API keys "
                              "file). Retry after a second.")
@@ -208,7 +212,7 @@ def render(*, listen_host: str, listen_port: int, admin_port: int, grpc_host: st
         service_name=SERVICE_NAME, transcoder_name=TRANSCODER, metadata_namespace=METADATA_NAMESPACE,
         max_request_bytes=int(max_request_bytes), max_response_bytes=MAX_RESPONSE_BYTES,
         connection_buffer_bytes=CONNECTION_BUFFER_BYTES, notsent_lowat_bytes=NOTSENT_LOWAT_BYTES,
-        bridge_rcvbuf_bytes=BRIDGE_RCVBUF_BYTES,
+        bridge_rcvbuf_bytes=BRIDGE_RCVBUF_BYTES, service_stream_window_bytes=SERVICE_STREAM_WINDOW_BYTES,
         too_large_message=f"The request body is larger than {int(max_request_bytes)} bytes (limit max_request_bytes).",
         unary_timeout_s=int(unary_timeout_s),
         stream_idle_timeout_s=int(stream_idle_timeout_s),

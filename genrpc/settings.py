@@ -65,6 +65,10 @@ class Settings(BaseSettings):
     bridge_send_timeout_s: float = Field(30.0, gt=0, description="bridge: seconds one SSE write may block on a client "
                                                                  "that stopped reading before the stream is cut and "
                                                                  "its gRPC call cancelled (frees the slot)")
+    send_timeout_s: float = Field(30.0, gt=0, description="service: seconds a streaming RPC may wait for its "
+                                                          "client to take the previous message (HTTP/2 flow "
+                                                          "control) before it is cut with CANCELLED and its "
+                                                          "generation stopped (frees the slot)")
 
     # --- model and engine ---
     engine: Literal["llamacpp", "reference", "sglang", "synthetic"] = Field(

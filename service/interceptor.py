@@ -31,6 +31,7 @@ import grpc
 from genrpc.service.client_limits import CLIENT_ID_METADATA, TokensPerMinute, current_client
 from genrpc.service.errors import InvalidArgument, ServiceError, abort, to_service_error
 from genrpc.service.metrics import RequestRecord, ServiceMetrics, current_request
+from genrpc.service.send_watchdog import SendWatchdog
 from genrpc.telemetry import Tracing, metadata_carrier, ns_at
 
 log = logging.getLogger("genrpc.service")
@@ -72,8 +73,9 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
     """Wraps the unary-unary and unary-stream methods of the services whose full names are given."""
 
     def __init__(self, metrics: ServiceMetrics, service_names: tuple[str, ...], tracing: Tracing | None = None,
-                 tokens_per_minute: TokensPerMinute | None = None):
+                 tokens_per_minute: TokensPerMinute | None = None, send_watchdog: SendWatchdog | None = None):
         self._metrics = metrics
+        self._send_watchdog = send_watchdog
         self._tracing = tracing or Tracing()
         self._tokens_per_minute = tokens_per_minute
         self._prefixes = tuple(f"/{name}/" for name in service_names)
@@ -114,9 +116,18 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                 try:
                     self._admit(context)
                     _check_decoded(request)
+                    watchdog, task = self._send_watchdog, asyncio.current_task()
                     async with contextlib.aclosing(behaviour(request, context)) as replies:
-                        async for reply in replies:
-                            yield reply
+                        try:
+                            async for reply in replies:
+                                if watchdog is not None:
+                                    watchdog.park(task, context)
+                                yield reply  # resumed once grpc has written it
+                                if watchdog is not None:
+                                    watchdog.unpark(task)
+                        finally:
+                            if watchdog is not None:
+                                watchdog.unpark(task)
                 except BaseException as exc:  # noqa: BLE001 - every failure becomes a precise status
                     await self._fail(method, context, exc, outcome)
         return handle
@@ -154,7 +165,10 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             if outcome["code"] is None:
                 outcome["code"] = grpc.StatusCode.OK
         finally:
-            current_request.reset(token)
+            # A stream cut from outside (client gone, send timeout) is closed by asyncio's generator finalizer,
+            # in another context: the variable then belongs to a context that is already gone.
+            with contextlib.suppress(ValueError):
+                current_request.reset(token)
             if span_token is not None:
                 self._tracing.deactivate(span_token)
             code = outcome["code"] or grpc.StatusCode.CANCELLED  # left early without an error: cancelled

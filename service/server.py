@@ -20,6 +20,7 @@ from genrpc.service.client_limits import TokensPerMinute
 from genrpc.service.interceptor import ServiceInterceptor
 from genrpc.service.metrics import ServiceMetrics
 from genrpc.service.response_store import ResponseStore
+from genrpc.service.send_watchdog import SendWatchdog
 from genrpc.service.servicer import GenerationServicer
 
 log = logging.getLogger("genrpc.service")
@@ -59,8 +60,10 @@ class GenrpcServer:
                                            response_store=self.response_store, tokens_per_minute=tokens_per_minute,
                                            tracing=self.tracing)
         self.health = health.aio.HealthServicer()
+        self.send_watchdog = SendWatchdog(settings.send_timeout_s)
         self.grpc_server = grpc.aio.server(
-            interceptors=[ServiceInterceptor(self.metrics, (SERVICE_NAME,), self.tracing, tokens_per_minute)],
+            interceptors=[ServiceInterceptor(self.metrics, (SERVICE_NAME,), self.tracing, tokens_per_minute,
+                                             self.send_watchdog)],
             options=[("grpc.max_receive_message_length", settings.max_request_bytes),
                      ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
                      # Envoy pings every 30 s (connection_keepalive). gRPC's default allows one ping per 5 min
@@ -107,6 +110,7 @@ class GenrpcServer:
         """Drains: NOT_SERVING for good (load balancers stop sending), running streams get `grace_s` to end."""
         await self.health.enter_graceful_shutdown()
         await self.grpc_server.stop(self.settings.shutdown_grace_s if grace_s is None else grace_s)
+        await self.send_watchdog.close()
         await self.engine.shutdown()
         self.response_store.close()
         self.tracing.shutdown()

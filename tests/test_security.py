@@ -52,7 +52,7 @@ def secured(tmp_path_factory):
     stack = StackUp(workdir, os.getpid() % 10000 + 500, engine="synthetic", synthetic_tokens_per_s=0,
                     api_keys_file=keys, request_headers_timeout_s=HEADERS_TIMEOUT_S,
                     request_timeout_s=REQUEST_TIMEOUT_S, bridge_send_timeout_s=SEND_TIMEOUT_S,
-                    max_tokens_limit=0)  # no ceiling: the stalled-reader test needs a stream that outlasts buffers
+                    send_timeout_s=SEND_TIMEOUT_S, max_tokens_limit=0)  # no ceiling: the stalled-reader test needs a stream that outlasts buffers
     try:
         yield stack
     finally:
@@ -447,6 +447,44 @@ async def test_stalled_sse_reader_through_envoy_is_cut_within_the_documented_bou
         stream = await http.post(CHAT, json=chat_body(stream=True, max_tokens=8))
         assert stream.status_code == 200 and stream.text.rstrip().endswith("data: [DONE]"), stream.text[-200:]
     assert secured.running_and_waiting() == (0, 0)
+
+
+async def test_stalled_grpc_reader_through_envoy_is_cut_by_the_service(secured):
+    """A native gRPC client (through Envoy) that reads one message of a long, fast stream and then stops reading:
+    its HTTP/2 window fills, then Envoy's bounded window toward the service (1 MiB), so the service's writes wait;
+    after send_timeout_s (2 s here) the service cuts the stream (CANCELLED) and stops the generation. The client
+    then finds the stream ended with CANCELLED, not finished; the next call is served."""
+    metadata = (("authorization", "Bearer sk-good"),)
+    request = chat_pb2.ChatCompletionRequest(model=DEFAULT_MODEL_ID, max_completion_tokens=1_000_000, stream=True,
+                                             messages=[chat_pb2.ChatMessage(role="user",
+                                                                            content={"string_value": "hi"})])
+    cut_before = secured.log_path.read_text(errors="replace").count("took no message")
+    # no BDP probing: the client's window stays at grpc's default while the application does not read
+    async with grpc.aio.insecure_channel(secured.envoy, options=[("grpc.http2.bdp_probe", 0)]) as channel:
+        stub = generation_service_pb2_grpc.GenerationServiceStub(channel)
+        call = stub.Chat(request, metadata=metadata)
+        assert (await call.read()).choices
+        stopped = time.monotonic()
+        deadline = stopped + SEND_TIMEOUT_S + 10
+        while secured.running_and_waiting() != (0, 0):
+            assert time.monotonic() < deadline, "the stalled stream still holds its slot"
+            await asyncio.sleep(0.1)
+        freed_after = time.monotonic() - stopped
+        print(f"gRPC: stalled reader's slot freed {freed_after:.1f} s after it stopped reading")
+        assert freed_after <= SEND_TIMEOUT_S + 5
+        assert secured.log_path.read_text(errors="replace").count("took no message") == cut_before + 1
+        finish = None
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            while (chunk := await call.read()) is not grpc.aio.EOF:  # what was in flight, then the status
+                finish = (chunk.choices[0].finish_reason.string_value if chunk.choices else None) or finish
+        assert caught.value.code() == grpc.StatusCode.CANCELLED, caught.value
+        assert finish is None  # cut, never finished
+        # the next call is served
+        reply = await stub.CreateChatCompletion(chat_pb2.ChatCompletionRequest(
+            model=DEFAULT_MODEL_ID, max_completion_tokens=4,
+            messages=[chat_pb2.ChatMessage(role="user", content={"string_value": "hi"})]), metadata=metadata,
+            timeout=30)
+        assert reply.usage.completion_tokens == 4
 
 
 def test_tokens_per_minute_window_slides():
