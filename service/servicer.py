@@ -21,7 +21,8 @@ from genrpc.service.client_limits import TokensPerMinute, current_client
 from genrpc.service.choices import ChoiceEvent, ChoiceSpec, run_choices
 from genrpc.service.constraints import Constraint, forced_tool_call_grammar, response_format_constraint
 from genrpc.service.engines.base import Engine, SamplingParams, TokenLogprob
-from genrpc.service.errors import ContextLengthExceeded, InvalidArgument, ModelNotFound, NotReady, Overloaded
+from genrpc.service.errors import (ContextLengthExceeded, Draining, InvalidArgument, ModelNotFound, NotReady,
+                                   Overloaded)
 from genrpc.service.metrics import ServiceMetrics, current_request
 from genrpc.service.prompts import fit_messages_to_budget, message_images, render_chat
 from genrpc.service.responses import NULL, string_value
@@ -76,6 +77,7 @@ class GenerationServicer(ResponsesMixin, generation_service_pb2_grpc.GenerationS
         self._limits = limits
         self._capacity = capacity
         self._admitted = 0  # choices admitted and not finished (running, queued, or being prepared)
+        self._draining = False
         self._ready = False
         self._created = int(time.time())
 
@@ -100,8 +102,12 @@ class GenerationServicer(ResponsesMixin, generation_service_pb2_grpc.GenerationS
     def _admission(self, request):
         """Holds the request's share of capacity for the whole RPC; refuses it at once when the server is full.
         Runs first in every generating RPC: the O(1) decision comes before validation, templating, tokenising."""
-        if not self._capacity:
-            yield
+        if not self._capacity:  # unbounded: only counted (stop() waits for these)
+            self._admitted += 1
+            try:
+                yield
+            finally:
+                self._admitted -= 1
             return
         cost = self._cost(request)
         if self._admitted + cost > self._capacity:
@@ -119,9 +125,16 @@ class GenerationServicer(ResponsesMixin, generation_service_pb2_grpc.GenerationS
     def mark_ready(self) -> None:
         self._ready = True
 
+    def mark_draining(self) -> None:
+        """From now on new generations are refused (UNAVAILABLE); admitted ones run to their end."""
+        self._draining = True
+
     # ---- preparation -----------------------------------------------------------------------------------
 
     def _check_ready(self) -> None:
+        if self._draining:
+            raise Draining("The server is shutting down; retry, and another replica (or this one, restarted) will "
+                           "serve it.")
         if not self._ready:
             raise NotReady("The model is still loading; retry when the health check reports SERVING.")
 
