@@ -1,4 +1,4 @@
-"""`@admitted`: every generating RPC holds its request's share of capacity for as long as it runs.
+"""`@within_capacity`: every generating RPC holds its request's share of capacity for as long as it runs.
 
 The decision is O(1) and comes first, before validation, templating and tokenising, so a full server refuses at
 the cost of one round trip (GenerationServicer._admission keeps the count and raises Overloaded).

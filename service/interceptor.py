@@ -73,7 +73,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
     """Wraps the unary-unary and unary-stream methods of the services whose full names are given."""
 
     def __init__(self, metrics: ServiceMetrics, service_names: tuple[str, ...], tracing: Tracing | None = None,
-                 tokens_per_minute: TokensPerMinute | None = None, send_watchdog: SendWatchdog | None = None):
+                 tokens_per_minute: TokensPerMinute | None = None, *, send_watchdog: SendWatchdog):
         self._metrics = metrics
         self._send_watchdog = send_watchdog
         self._tracing = tracing or Tracing()
@@ -120,14 +120,11 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                     async with contextlib.aclosing(behaviour(request, context)) as replies:
                         try:
                             async for reply in replies:
-                                if watchdog is not None:
-                                    watchdog.park(task, context)
+                                watchdog.park(task, context)
                                 yield reply  # resumed once grpc has written it
-                                if watchdog is not None:
-                                    watchdog.unpark(task)
+                                watchdog.unpark(task)  # not parked while the next message is being made
                         finally:
-                            if watchdog is not None:
-                                watchdog.unpark(task)
+                            watchdog.unpark(task)
                 except BaseException as exc:  # noqa: BLE001 - every failure becomes a precise status
                     await self._fail(method, context, exc, outcome)
         return handle

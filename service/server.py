@@ -63,7 +63,7 @@ class GenrpcServer:
         self.send_watchdog = SendWatchdog(settings.send_timeout_s)
         self.grpc_server = grpc.aio.server(
             interceptors=[ServiceInterceptor(self.metrics, (SERVICE_NAME,), self.tracing, tokens_per_minute,
-                                             self.send_watchdog)],
+                                             send_watchdog=self.send_watchdog)],
             options=[("grpc.max_receive_message_length", settings.max_request_bytes),
                      ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
                      # Envoy pings every 30 s (connection_keepalive). gRPC's default allows one ping per 5 min

@@ -102,15 +102,8 @@ class GenerationServicer(ResponsesMixin, generation_service_pb2_grpc.GenerationS
     def _admission(self, request):
         """Holds the request's share of capacity for the whole RPC; refuses it at once when the server is full.
         Runs first in every generating RPC: the O(1) decision comes before validation, templating, tokenising."""
-        if not self._capacity:  # unbounded: only counted (stop() waits for these)
-            self._admitted += 1
-            try:
-                yield
-            finally:
-                self._admitted -= 1
-            return
-        cost = self._cost(request)
-        if self._admitted + cost > self._capacity:
+        cost = self._cost(request)  # 1 when capacity is unbounded (0): then only counted, for stop() to wait on
+        if self._capacity and self._admitted + cost > self._capacity:
             raise Overloaded(
                 f"The server is at capacity ({self._engine.running_requests} running, "
                 f"{self._engine.waiting_requests} queued; limit max_batch_size + max_queue = {self._capacity}). "

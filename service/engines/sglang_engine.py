@@ -121,12 +121,7 @@ class SGLangEngine:
         kwargs = engine_kwargs(self._config)
         if kwargs.get("enable_metrics"):
             prepare_metrics_dir()
-        os.environ.update(engine_environ(self._config))  # before SGLang starts its processes (they inherit it)
-        factory = self._engine_factory
-        if factory is None:
-            import sglang  # heavy and GPU-only: imported here, never at module import
-
-            factory = sglang.Engine
+        factory = self._launcher()
         # On the running loop, main thread, synchronously (see module docstring).
         if self._config.attach_to_pid:
             # Another service worker built the engine with tokenizer_worker_num > 1: this process becomes one of
@@ -158,13 +153,16 @@ class SGLangEngine:
         """Builds the engine for `--service-workers` and serves nothing itself: with tokenizer_worker_num > 1 this
         process holds SGLang's MultiTokenizerRouter (no TokenizerManager, so no generate), and the serving workers
         attach to it (`attach_to_pid`), as the HTTP workers of `sglang serve` do. Stop it with `shutdown()`."""
-        factory = self._engine_factory
-        if factory is None:
-            import sglang
+        self._engine = self._launcher()(**engine_kwargs(self._config))
 
-            factory = sglang.Engine
+    def _launcher(self) -> Any:
+        """`sglang.Engine` (or the injected factory), once the environment its processes inherit is set."""
         os.environ.update(engine_environ(self._config))
-        self._engine = factory(**engine_kwargs(self._config))
+        if self._engine_factory is not None:
+            return self._engine_factory
+        import sglang  # heavy and GPU-only: imported here, never at module import
+
+        return sglang.Engine
 
     async def _warm_up(self) -> None:
         ids = self.tokenizer.encode(WARMUP_PROMPT) or [0]
