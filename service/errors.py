@@ -78,11 +78,6 @@ class NotReady(ServiceError):
     reason = "MODEL_NOT_READY"
 
 
-class Draining(ServiceError):
-    code = grpc.StatusCode.UNAVAILABLE
-    reason = "SERVER_DRAINING"
-
-
 class EngineFailure(ServiceError):
     code = grpc.StatusCode.INTERNAL
     reason = "ENGINE_FAILURE"

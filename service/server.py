@@ -107,18 +107,9 @@ class GenrpcServer:
         log.info("model %s ready: SERVING", self.engine.model_info.model_id)
 
     async def stop(self, grace_s: float | None = None) -> None:
-        """Drains: NOT_SERVING for good (load balancers stop sending), new generations refused (UNAVAILABLE), the
-        running ones get `grace_s` to end; then the server stops. Not `grpc_server.stop(grace)` alone: it waits for
-        every open RPC, and health watchers (the bridge's Health/Watch) never end, so an idle drain took the whole
-        grace period."""
-        grace = self.settings.shutdown_grace_s if grace_s is None else grace_s
+        """Drains: NOT_SERVING for good (load balancers stop sending), running streams get `grace_s` to end."""
         await self.health.enter_graceful_shutdown()
-        self.servicer.mark_draining()
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + grace
-        while self.servicer.admitted and loop.time() < deadline:
-            await asyncio.sleep(0.05)
-        await self.grpc_server.stop(0)
+        await self.grpc_server.stop(self.settings.shutdown_grace_s if grace_s is None else grace_s)
         await self.send_watchdog.close()
         await self.engine.shutdown()
         self.response_store.close()

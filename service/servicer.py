@@ -21,8 +21,7 @@ from genrpc.service.client_limits import TokensPerMinute, current_client
 from genrpc.service.choices import ChoiceEvent, ChoiceSpec, run_choices
 from genrpc.service.constraints import Constraint, forced_tool_call_grammar, response_format_constraint
 from genrpc.service.engines.base import Engine, SamplingParams, TokenLogprob
-from genrpc.service.errors import (ContextLengthExceeded, Draining, InvalidArgument, ModelNotFound, NotReady,
-                                   Overloaded)
+from genrpc.service.errors import ContextLengthExceeded, InvalidArgument, ModelNotFound, NotReady, Overloaded
 from genrpc.service.metrics import ServiceMetrics, current_request
 from genrpc.service.prompts import fit_messages_to_budget, message_images, render_chat
 from genrpc.service.responses import NULL, string_value
@@ -77,7 +76,6 @@ class GenerationServicer(ResponsesMixin, generation_service_pb2_grpc.GenerationS
         self._limits = limits
         self._capacity = capacity
         self._admitted = 0  # choices admitted and not finished (running, queued, or being prepared)
-        self._draining = False
         self._ready = False
         self._created = int(time.time())
 
@@ -102,8 +100,11 @@ class GenerationServicer(ResponsesMixin, generation_service_pb2_grpc.GenerationS
     def _admission(self, request):
         """Holds the request's share of capacity for the whole RPC; refuses it at once when the server is full.
         Runs first in every generating RPC: the O(1) decision comes before validation, templating, tokenising."""
-        cost = self._cost(request)  # 1 when capacity is unbounded (0): then only counted, for stop() to wait on
-        if self._capacity and self._admitted + cost > self._capacity:
+        if not self._capacity:
+            yield
+            return
+        cost = self._cost(request)
+        if self._admitted + cost > self._capacity:
             raise Overloaded(
                 f"The server is at capacity ({self._engine.running_requests} running, "
                 f"{self._engine.waiting_requests} queued; limit max_batch_size + max_queue = {self._capacity}). "
@@ -118,16 +119,9 @@ class GenerationServicer(ResponsesMixin, generation_service_pb2_grpc.GenerationS
     def mark_ready(self) -> None:
         self._ready = True
 
-    def mark_draining(self) -> None:
-        """From now on new generations are refused (UNAVAILABLE); admitted ones run to their end."""
-        self._draining = True
-
     # ---- preparation -----------------------------------------------------------------------------------
 
     def _check_ready(self) -> None:
-        if self._draining:
-            raise Draining("The server is shutting down; retry, and another replica (or this one, restarted) will "
-                           "serve it.")
         if not self._ready:
             raise NotReady("The model is still loading; retry when the health check reports SERVING.")
 

@@ -171,10 +171,6 @@ def test_sigterm_drains_streams_through_envoy(tmp_path):
         reader.join(60)
         assert outcome["end"] == "complete", outcome
         assert stack.child.process.wait(timeout=60) == 0
-        # The drain ends once the streams have, not at the 30 s grace period (open health watchers do not hold it)
-        stopped_after = time.monotonic() - outcome["at"]
-        print(f"genrpc up exited {stopped_after:.1f} s after the last stream ended (grace 30 s)")
-        assert stopped_after < 10, stopped_after
         channel.close()
     finally:
         stack.stop()
