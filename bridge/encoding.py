@@ -109,7 +109,11 @@ def align_with_transcoder(body: dict[str, Any], descriptor: Descriptor) -> dict[
                     value[map_key] = value_field.default_value if item is None else _align_scalar(value_field, item)
         elif field.is_repeated:
             if isinstance(value, list):
-                body[key] = [_align_scalar(field, item) for item in value]
+                # the transcoder skips a null element (protobuf's C++ ProtoWriter ignores a null data piece); a
+                # null google.protobuf.Value is a value of its own
+                keep_nulls = field.message_type is not None and field.message_type.full_name == "google.protobuf.Value"
+                body[key] = [item if item is None else _align_scalar(field, item)
+                             for item in value if item is not None or keep_nulls]
         else:
             body[key] = _align_scalar(field, value)
     return body

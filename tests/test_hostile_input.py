@@ -91,6 +91,16 @@ def test_logit_bias_with_object_values_is_a_400(http, stack):
         assert unary == streamed == 400
 
 
+@pytest.mark.parametrize("fields", [
+    {"tools": [None]}, {"tools": [None, {"type": "function", "function": {"name": "f"}}]}, {"functions": [None]},
+    {"modalities": [None]}, {"messages": [None]}, {"messages": [{**MESSAGES[0], "tool_calls": [None]}]},
+    {"stop": ["a", None]}, {"logit_bias": {"1": None}}])
+def test_null_elements_get_one_verdict_on_both_paths(http, stack, fields):
+    # the transcoder skips a null element of a repeated field; the bridge must read such a body the same way
+    unary, streamed = verdicts(http, {"model": stack.model, "messages": MESSAGES, "max_tokens": 1, **fields})
+    assert unary == streamed, f"{fields}: transcoder {unary} vs bridge {streamed}"
+
+
 def test_stream_must_be_a_boolean(http, stack):
     for value in ("yes", "true", 1, "1"):
         response = post(http, "/v1/chat/completions", {"model": stack.model, "messages": MESSAGES, "stream": value})
