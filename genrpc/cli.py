@@ -201,13 +201,13 @@ def envoy_yaml(settings: Settings, *, listen_host: str | None = None, grpc_host:
         max_request_bytes=settings.max_request_bytes,
         grpc_upstreams=envoy_config.parse_upstreams(settings.grpc_upstreams) or None,
         health_check_interval_s=settings.envoy_health_check_interval_s, stats_port=settings.envoy_stats_port,
-        **options)
+        max_generating_requests=settings.gateway_admission_limit(), **options)
 
 
 ENVOY_SETTINGS = ["host", "grpc_port", "bridge_port", "envoy_port", "envoy_admin_port", "envoy_stats_port",
                   "api_keys_file", "cors_allowed_origins", "rate_limit_rps", "tls_cert_file", "tls_key_file",
                   "tls_client_ca_file", "request_headers_timeout_s", "request_timeout_s", "idle_timeout_s",
-                  "grpc_upstreams", "envoy_health_check_interval_s", "max_request_bytes"]
+                  "grpc_upstreams", "envoy_health_check_interval_s", "max_request_bytes", "envoy_max_requests"]
 
 
 def cmd_envoy_config(settings: Settings, args: argparse.Namespace) -> int:

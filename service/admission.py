@@ -20,10 +20,12 @@ def within_capacity(method):
                 async with contextlib.aclosing(method(self, request, context)) as messages:
                     async for message in messages:
                         yield message
+        stream.holds_capacity = True
         return stream
 
     @functools.wraps(method)
     async def unary(self, request, context):
         with self._admission(request):
             return await method(self, request, context)
+    unary.holds_capacity = True  # Envoy's generating routes list these methods (envoy.config.GENERATING_METHODS)
     return unary

@@ -775,3 +775,31 @@ async def test_rate_limit(tmp_path, backend, bridge):
             while (await http.get("/v1/models")).status_code == 429:
                 assert asyncio.get_running_loop().time() < deadline, "bucket never refilled"
                 await asyncio.sleep(0.1)
+
+
+def test_gateway_admission_limit_follows_the_settings_and_the_generating_rpcs():
+    """Envoy's generating routes are exactly the servicer's @within_capacity methods; their clusters' DEFAULT
+    max_requests is envoy_max_requests, by default the local service's capacity plus a margin, and off (Envoy's
+    ceiling) when Envoy fronts other replicas whose capacity it cannot know."""
+    from genrpc import cli
+    from genrpc.service.servicer import GenerationServicer
+    from genrpc.settings import GATEWAY_ADMISSION_MARGIN
+
+    holds = {name for name in dir(GenerationServicer) if getattr(getattr(GenerationServicer, name), "holds_capacity", False)}
+    assert holds == set(envoy_config.GENERATING_METHODS)
+
+    def default_limits(settings: Settings) -> set[int]:
+        clusters = yaml.safe_load(cli.envoy_yaml(settings))["static_resources"]["clusters"]
+        return {t["max_requests"] for c in clusters for t in c.get("circuit_breakers", {}).get("thresholds", [])
+                if t["priority"] == "DEFAULT"}
+
+    assert default_limits(Settings()) == {16 + 256 + GATEWAY_ADMISSION_MARGIN}
+    assert default_limits(Settings(max_batch_size=4, max_queue=10, service_workers=2)) == {
+        2 * 14 + GATEWAY_ADMISSION_MARGIN}
+    assert default_limits(Settings(envoy_max_requests=7)) == {7}
+    assert default_limits(Settings(envoy_max_requests=0)) == {envoy_config.REQUEST_CEILING}
+    assert default_limits(Settings(grpc_upstreams="genrpc-service:50051")) == {envoy_config.REQUEST_CEILING}
+    routes = _hcm(cli.envoy_yaml(Settings()))["route_config"]["virtual_hosts"][0]["routes"]
+    high = {r["name"] for r in routes if r.get("route", {}).get("priority") == "HIGH"}
+    assert {"grpc", "grpc_affinity", "health", "health_ready", "playground", "index"} <= high
+    assert not {"generate", "generate_affinity", "stream", "dashscope"} & high

@@ -18,7 +18,8 @@ from grpc_status import rpc_status
 
 from _stack_up import QueueWatch
 from conftest import running_stack
-from genrpc.v1 import chat_pb2, generation_service_pb2_grpc
+from genrpc.envoy.config import GATEWAY_FULL_MESSAGE
+from genrpc.v1 import chat_pb2, generation_service_pb2_grpc, model_pb2
 
 SLOTS, QUEUE, REQUESTS = 2, 4, 24
 MESSAGES = [{"role": "user", "content": "Count from one to ten."}]
@@ -101,3 +102,78 @@ def test_overload_refuses_the_excess_quickly_and_completes_the_rest(small_stack)
     assert admitted >= SLOTS + QUEUE  # capacity was used (the burst arrives at once, before any finishes)
     assert refused >= REQUESTS - 2 * (SLOTS + QUEUE)  # and the excess refused
     assert watch.max_waiting <= QUEUE and watch.max_running <= SLOTS
+
+
+# ---- gateway admission: Envoy refuses a path's excess itself (envoy_max_requests) ---------------------------------
+
+GATEWAY_LIMIT = 2
+
+
+@pytest.fixture(scope="module")
+def gated_stack(tmp_path_factory):
+    # synthetic tokens at 5/s with no token ceiling: the streams that fill a path stay open until the test ends them
+    with running_stack(tmp_path_factory.mktemp("gated"), {
+            "GENRPC_ENGINE": "synthetic", "GENRPC_SYNTHETIC_TOKENS_PER_S": "5", "GENRPC_MAX_TOKENS_LIMIT": "0",
+            "GENRPC_ENVOY_MAX_REQUESTS": str(GATEWAY_LIMIT)}) as running:
+        yield running
+
+
+async def test_gateway_refuses_past_its_limit_in_every_shape_and_answers_the_rest(gated_stack):
+    stack = gated_stack
+    long_chat = {"model": stack.model, "messages": MESSAGES, "max_tokens": 10_000}
+    async with httpx.AsyncClient(base_url=f"http://{stack.envoy_address}", timeout=30) as client, \
+            grpc.aio.insecure_channel(stack.envoy_address) as channel:
+        stub = generation_service_pb2_grpc.GenerationServiceStub(channel)
+        request = json_format.ParseDict(long_chat, chat_pb2.ChatCompletionRequest())
+        # fill both paths: GATEWAY_LIMIT gRPC streams (the service's cluster), GATEWAY_LIMIT SSE streams (the bridge's)
+        calls = [stub.Chat(request) for _ in range(GATEWAY_LIMIT)]
+        for call in calls:
+            assert (await call.read()).choices is not None
+        sse = [client.stream("POST", "/v1/chat/completions", json={**long_chat, "stream": True})
+               for _ in range(GATEWAY_LIMIT)]
+        responses = [await s.__aenter__() for s in sse]
+        frames = [response.aiter_lines() for response in responses]  # held: a dropped iterator closes its stream
+        for response, lines in zip(responses, frames):
+            assert response.status_code == 200
+            assert (await lines.__anext__()).startswith("data: ")  # the first frame: the stream is generating
+        try:
+            # native gRPC: RESOURCE_EXHAUSTED with the service's own reason and RetryInfo, decided by Envoy
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await stub.CreateChatCompletion(request, timeout=10)
+            error = caught.value
+            assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, (error.code(), error.details())
+            assert "envoy_max_requests" in error.details()
+            status = rpc_status.from_call(error)
+            info = error_details_pb2.ErrorInfo()
+            retry = error_details_pb2.RetryInfo()
+            assert status.details[0].Unpack(info) and status.details[1].Unpack(retry)
+            assert info.reason == "SERVER_OVERLOADED" and info.metadata["limit"] == "envoy_max_requests"
+            assert retry.retry_delay.seconds == 1
+            # unary REST (the service's cluster) and SSE (the bridge's): 429, retry-after, OpenAI's shape
+            for body in ({**long_chat, "max_tokens": 1}, {**long_chat, "stream": True}):
+                refused = await client.post("/v1/chat/completions", json=body)
+                assert refused.status_code == 429, (body.get("stream"), refused.text)
+                assert refused.headers["retry-after"] == "1"
+                assert refused.json()["error"] == {
+                    "message": GATEWAY_FULL_MESSAGE.format(limit=GATEWAY_LIMIT), "type": "rate_limit_error", "param": None,
+                    "code": "server_overloaded"}
+            # DashScope's route (the bridge's): its own error shape
+            refused = await client.post("/api/v1/services/aigc/text-generation/generation", json={
+                "model": stack.model, "input": {"messages": MESSAGES}, "parameters": {"max_tokens": 1}})
+            assert refused.status_code == 429 and refused.json()["code"] == "Throttling", refused.text
+            # everything that does not generate is still answered while generation is full
+            assert (await client.get("/v1/models")).status_code == 200
+            assert (await client.get("/health/ready")).status_code == 200
+            assert (await stub.ListModels(model_pb2.ListModelsRequest(), timeout=10)).data
+        finally:
+            for call in calls:
+                call.cancel()
+            for s in sse:
+                await s.__aexit__(None, None, None)
+        # the paths free up as the streams end: the next request is served
+        for _ in range(100):
+            reply = await client.post("/v1/chat/completions", json={**long_chat, "max_tokens": 1})
+            if reply.status_code != 429:
+                break
+            await asyncio.sleep(0.05)  # Envoy counts a stream until its reset reaches it: poll, bounded
+        assert reply.status_code == 200, reply.text
