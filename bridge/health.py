@@ -5,7 +5,8 @@ answering a probe costs nothing and generation requests never wait on it:
 
 - SERVING -> `ready`;
 - NOT_SERVING before SERVING was seen on this connection -> `loading` (the model is loading or warming up); after
-  it -> `draining` (the service is shutting down);
+  it -> `draining` (the service is shutting down). The bridge then ends its watch, which would otherwise hold the
+  draining server open until the watch's renewal, and looks again without waiting for a connection;
 - the service unreachable, or without the health service -> `unavailable`.
 """
 
@@ -60,28 +61,38 @@ class ServiceReadiness:
     async def _watch_forever(self) -> None:
         retry_s = _RETRY_MIN_S
         seen_serving = False
+        draining = False
         while True:
             replies = 0
             try:
-                # wait_for_ready: while the service is down the call waits for it instead of failing at once.
+                # wait_for_ready: while the service is down the call waits for it instead of failing at once
+                # (not while it drains: a service that stopped listening is gone, not loading).
                 # The deadline renews the watch: a quiet watch sees nothing of a service that vanished without
                 # closing the connection (gRPC clients stop pinging after two pings without data); a renewal
                 # that gets no reply before its deadline (the first reply comes at once) shows it.
-                async for reply in self._stub.Watch(health_pb2.HealthCheckRequest(service=""), wait_for_ready=True,
-                                                    timeout=WATCH_RENEW_S):
+                call = self._stub.Watch(health_pb2.HealthCheckRequest(service=""), wait_for_ready=not draining,
+                                        timeout=WATCH_RENEW_S)
+                async for reply in call:
                     replies += 1
                     retry_s = _RETRY_MIN_S
+                    draining = False
                     if reply.status == _SERVING:
                         seen_serving = True
                         self._set(READY, "the generation service is serving")
                     elif reply.status == _NOT_SERVING and seen_serving:
                         self._set(DRAINING, "the generation service is shutting down")
+                        # End the watch: a draining server waits for every open call, this one included, before
+                        # it exits. The state is checked again (a new watch) after the retry delay.
+                        draining = True
+                        call.cancel()
+                        break
                     elif reply.status == _NOT_SERVING:
                         self._set(LOADING, "the generation service is loading the model")
                     else:
                         self._set(UNAVAILABLE, "the generation service reports no overall health "
                                                f"({health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)})")
-                self._set(UNAVAILABLE, "the generation service ended the health watch")
+                else:
+                    self._set(UNAVAILABLE, "the generation service ended the health watch")
             except grpc.aio.AioRpcError as e:
                 if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED and replies:
                     continue  # a renewal: same connection, same service process; no state change
@@ -90,6 +101,8 @@ class ServiceReadiness:
                 else:
                     self._set(UNAVAILABLE, f"the generation service at {self.target} is unreachable: "
                                            f"{e.code().name} {e.details() or ''}".rstrip())
-            seen_serving = False  # the next watch may reach a new service process, which starts by loading
+                draining = False
+            if not draining:
+                seen_serving = False  # the next watch may reach a new service process, which starts by loading
             await asyncio.sleep(retry_s)
             retry_s = min(retry_s * 2, _RETRY_MAX_S)

@@ -32,10 +32,15 @@ class CountingHealth(health.aio.HealthServicer):
     """The real health servicer, counting the Watch calls it serves."""
 
     watches = 0
+    open_watches = 0
 
     async def Watch(self, request, context):  # noqa: N802 - the gRPC method name
         self.watches += 1
-        await super().Watch(request, context)
+        self.open_watches += 1
+        try:
+            await super().Watch(request, context)
+        finally:
+            self.open_watches -= 1
 
 
 async def start_health_server(port: int = 0) -> tuple[grpc.aio.Server, Any, int]:
@@ -130,6 +135,28 @@ async def test_watch_renewals_keep_the_state(monkeypatch):
                 await asyncio.sleep(0.05)
             await servicer.enter_graceful_shutdown()
             await ready_state(http, "draining")
+    finally:
+        bridge.should_exit = True
+        await task
+        await server.stop(0)
+
+
+async def test_a_draining_service_is_not_held_by_the_watch():
+    """A draining grpc.aio server waits for every open call before it exits: the bridge ends its watch when it
+    sees the drain, so an idle service stops at once instead of at the watch's next renewal (30 s)."""
+    server, servicer, port = await start_health_server()
+    await servicer.set("", SERVING)
+    settings, bridge, task = await start_bridge(port)
+    try:
+        async with httpx.AsyncClient(base_url=f"http://{HOST}:{settings.bridge_port}", timeout=10) as http:
+            await ready_state(http, "ready")
+            assert servicer.open_watches == 1
+            await servicer.enter_graceful_shutdown()
+            await ready_state(http, "draining")
+            stopping = asyncio.create_task(server.stop(60))  # what the service does: drain, grace 60 s
+            done, _ = await asyncio.wait({stopping}, timeout=15)
+            assert done, f"the drain still waits for {servicer.open_watches} open watch(es)"
+            await ready_state(http, "unavailable")
     finally:
         bridge.should_exit = True
         await task
