@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import socket
 import statistics
 import sys
 import tempfile
@@ -116,12 +115,6 @@ def bench_xllamacpp(server, prompts: list[list[int]], concurrency: int, tokens: 
     return summarize(runs, time.perf_counter() - t0)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def rss_mb(pid: int) -> float:
     with open(f"/proc/{pid}/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
@@ -165,7 +158,7 @@ class StackUnderTest:
     """`genrpc up` (service, bridge, Envoy) on free ports, idle between the rounds driven against it."""
 
     def __init__(self, slots: int) -> None:
-        ports = {n: free_port() for n in PORT_SETTINGS}
+        ports = {n: processes.free_port() for n in PORT_SETTINGS}
         env = {f"GENRPC_{n.upper()}": str(p) for n, p in ports.items()}
         env["GENRPC_MAX_BATCH_SIZE"] = str(slots)
         log = tempfile.NamedTemporaryFile(prefix="genrpc-bench-", suffix=".log", delete=False).name

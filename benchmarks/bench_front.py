@@ -27,12 +27,12 @@ import asyncio
 import json
 import os
 import pathlib
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 
+from _stats import percentile
 from genrpc import processes
 from genrpc.settings import PORT_SETTINGS, Settings
 
@@ -47,23 +47,10 @@ WARMUP_S = 0.5
 TARGET_SSE_US, TARGET_GRPC_US, TARGET_LAG_P99_MS = 100, 40, 50
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def cpu_seconds(pid: int) -> float:
     """utime + stime of a process (all its threads), in seconds."""
     fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
-
-
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 # ---- the load client (its own process) -------------------------------------------------------------------
@@ -198,7 +185,7 @@ class Front:
         from genrpc.cli import envoy_yaml, settings_env
         from genrpc.envoy.config import envoy_command
 
-        ports = {name: free_port() for name in PORT_SETTINGS}
+        ports = {name: processes.free_port() for name in PORT_SETTINGS}
         ports["metrics_port"] = -1
         self.settings = Settings(engine="synthetic", synthetic_tokens_per_s=rate, max_queue=8192,
                                  shutdown_grace_s=1, log_level="warning", **ports)

@@ -13,7 +13,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import socket
 import sys
 import tempfile
 import time
@@ -26,22 +25,12 @@ from google.protobuf import json_format
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the shared metrics watcher
 
 from _stack_up import QueueWatch  # noqa: E402
+from _stats import percentile  # noqa: E402
 from genrpc import processes  # noqa: E402
 from genrpc.settings import PORT_SETTINGS, DEFAULT_MODEL_ID  # noqa: E402
 from genrpc.v1 import chat_pb2, generation_service_pb2_grpc  # noqa: E402
 
 MESSAGES = [{"role": "user", "content": "Count from one to ten."}]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
 async def rest(client: httpx.AsyncClient, stream: bool, max_tokens: int) -> tuple[str, int, float, bool]:
@@ -112,15 +101,16 @@ def main() -> None:
             for side, found in envoy_timed.items():
                 durations = [d for decider in found.get(kind, {}).values() for d in decider]
                 base = [d for decider in first.get(kind, {}).values() for d in decider]
-                cells.append(f"{side}: {percentile(durations, .5):.1f} / {percentile(durations, .99):.1f} "
-                             f"({percentile(durations, .99) / percentile(base, .99):.3f}x)")
+                p99, base_p99 = percentile(durations, .99), percentile(base, .99)
+                ratio = f"{p99 / base_p99:.3f}x" if base_p99 > 0 else "-x"  # a 0 ms p99 (Envoy's ms clock) has none
+                cells.append(f"{side}: {percentile(durations, .5):.1f} / {p99:.1f} ({ratio})")
             print(f"  {kind:4s}  " + "   ".join(cells))
 
 
 def run_side(args: argparse.Namespace, envoy_max_requests: int) -> dict[str, dict[str, list[float]]]:
     capacity = args.slots + args.queue
     count = int(capacity * args.factor)
-    ports = {n: free_port() for n in PORT_SETTINGS}
+    ports = {n: processes.free_port() for n in PORT_SETTINGS}
     env = {f"GENRPC_{n.upper()}": str(p) for n, p in ports.items()}
     env.update(GENRPC_MAX_BATCH_SIZE=str(args.slots), GENRPC_MAX_QUEUE=str(args.queue),
                GENRPC_ENVOY_MAX_REQUESTS=str(envoy_max_requests))

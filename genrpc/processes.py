@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -61,6 +62,13 @@ class Child:
         if self._log_file is not None:
             self._log_file.close()
         return self.process.returncode
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on now (the OS's pick), for stacks started on chosen ports by tests and benchmarks."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 def spawn(name: str, argv: list[str], *, env: dict[str, str] | None = None, log_path: str | os.PathLike | None = None,

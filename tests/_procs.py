@@ -18,16 +18,11 @@ from pathlib import Path
 
 from genrpc.envoy import config as envoy_config
 from genrpc.processes import Child as Proc
-from genrpc.processes import http_ok, spawn, wait_until  # noqa: F401 - re-exported for the tests
+from genrpc.processes import free_port, http_ok, spawn, wait_until  # noqa: F401 - re-exported for the tests
 
 HOST = "127.0.0.1"
 _base_ids = itertools.count(1)
 
-
-def free_port(host: str = HOST) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def next_base_id() -> int:
