@@ -2,9 +2,11 @@
 as REST (transcoder), SSE (bridge) and gRPC through Envoy. Prints the 429 / RESOURCE_EXHAUSTED latency (p50, p99),
 how many were admitted and completed, the 5xx count (must be 0) and the highest engine queue seen on /metrics.
 
-    .venv/bin/python benchmarks/bench_overload.py --slots 16 --queue 256 --factor 4 --max-tokens 8
+    .venv/bin/python benchmarks/bench_overload.py --slots 16 --queue 256 --factor 4 --max-tokens 8 --rounds 3
 
-Starts its own `genrpc up` on free loopback ports and stops it at the end.
+Each side (`--sides`: values of --envoy-max-requests, default 0 = the service decides alone and -1 = Envoy also
+refuses a path's excess past capacity + 16) gets its own `genrpc up` on free loopback ports, stopped at its end;
+the sides take turns round by round, and the summary gives medians over the rounds.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -88,22 +91,30 @@ def main() -> None:
     parser.add_argument("--sides", default="0,-1", help="--envoy-max-requests values to run in turn, one stack each "
                                                         "(0: the service decides alone; -1: Envoy refuses the "
                                                         "excess past capacity + 16 itself)")
+    parser.add_argument("--rounds", type=int, default=1, help="rounds of every side, taking turns; the summary "
+                                                                 "gives medians over the rounds")
     args = parser.parse_args()
-    envoy_timed = {}
-    for side in (int(value) for value in args.sides.split(",")):
-        print(f"--- envoy_max_requests {side} ---")
-        envoy_timed[side] = run_side(args, side)
-    if len(envoy_timed) > 1:
-        print("Envoy-timed refusal p50 / p99 (ms) per side, and the ratio to the first side's p99:")
-        first = next(iter(envoy_timed.values()))
-        for kind in ("grpc", "rest", "sse"):
-            cells = []
-            for side, found in envoy_timed.items():
+    sides = [int(value) for value in args.sides.split(",")]
+    # side -> path kind -> [(p50, p99) per round], over every refusal of that path whoever decided it
+    rounds: dict[int, dict[str, list[tuple[float, float]]]] = {side: {} for side in sides}
+    for round_no in range(1, args.rounds + 1):
+        for side in sides:
+            print(f"--- round {round_no}, envoy_max_requests {side} ---")
+            found = run_side(args, side)
+            for kind in ("grpc", "rest", "sse"):
                 durations = [d for decider in found.get(kind, {}).values() for d in decider]
-                base = [d for decider in first.get(kind, {}).values() for d in decider]
-                p99, base_p99 = percentile(durations, .99), percentile(base, .99)
+                rounds[side].setdefault(kind, []).append((percentile(durations, .5), percentile(durations, .99)))
+    if len(sides) > 1:
+        print(f"Envoy-timed refusals, p50 / p99 ms per side (medians over {args.rounds} round(s)), and the p99 "
+              f"ratio to side {sides[0]}:")
+        for kind in ("grpc", "rest", "sse"):
+            base_p99 = statistics.median(p99 for _, p99 in rounds[sides[0]][kind])
+            cells = []
+            for side in sides:
+                p50 = statistics.median(p50 for p50, _ in rounds[side][kind])
+                p99 = statistics.median(p99 for _, p99 in rounds[side][kind])
                 ratio = f"{p99 / base_p99:.3f}x" if base_p99 > 0 else "-x"  # a 0 ms p99 (Envoy's ms clock) has none
-                cells.append(f"{side}: {percentile(durations, .5):.1f} / {p99:.1f} ({ratio})")
+                cells.append(f"{side}: {p50:.1f} / {p99:.1f} ({ratio})")
             print(f"  {kind:4s}  " + "   ".join(cells))
 
 
