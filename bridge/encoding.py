@@ -73,6 +73,11 @@ _OPAQUE = {"google.protobuf.Value", "google.protobuf.Struct", "google.protobuf.L
 
 
 def _align_scalar(field: FieldDescriptor, value: Any) -> Any:
+    if field.message_type is not None and field.message_type.full_name == "google.protobuf.ListValue" \
+            and isinstance(value, dict):
+        if "" in value:  # ... once it has refused an empty key at its top
+            raise ValueError(f"Invalid empty field name in {field.name}")
+        return []  # the transcoder reads any other object as an empty list
     if field.type == FieldDescriptor.TYPE_BOOL and isinstance(value, str):
         lowered = value.lower()
         if lowered in _TRUE_STRINGS:
@@ -87,6 +92,14 @@ def _align_scalar(field: FieldDescriptor, value: Any) -> Any:
             raise ValueError(f"Invalid value for message field {field.name}: expected an object")
         align_with_transcoder(value, field.message_type)
     return value
+
+
+def _flat(items: list[Any]) -> Any:
+    for item in items:
+        if isinstance(item, list):
+            yield from _flat(item)
+        else:
+            yield item
 
 
 def align_with_transcoder(body: dict[str, Any], descriptor: Descriptor) -> dict[str, Any]:
@@ -109,11 +122,12 @@ def align_with_transcoder(body: dict[str, Any], descriptor: Descriptor) -> dict[
                     value[map_key] = value_field.default_value if item is None else _align_scalar(value_field, item)
         elif field.is_repeated:
             if isinstance(value, list):
-                # the transcoder skips a null element (protobuf's C++ ProtoWriter ignores a null data piece); a
-                # null google.protobuf.Value is a value of its own
-                keep_nulls = field.message_type is not None and field.message_type.full_name == "google.protobuf.Value"
-                body[key] = [item if item is None else _align_scalar(field, item)
-                             for item in value if item is not None or keep_nulls]
+                if field.message_type is not None and field.message_type.full_name == "google.protobuf.Value":
+                    body[key] = [item if item is None else _align_scalar(field, item) for item in value]
+                else:
+                    # the transcoder (protobuf's C++ ProtoWriter) skips a null element and reads a list nested in
+                    # a repeated field as its elements; a null or a list is a google.protobuf.Value of its own
+                    body[key] = [_align_scalar(field, item) for item in _flat(value) if item is not None]
         else:
             body[key] = _align_scalar(field, value)
     return body

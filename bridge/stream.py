@@ -54,7 +54,9 @@ class Renderer(Protocol):
 def call_options(headers: Mapping[str, str]) -> tuple[list[tuple[str, str]], float | None]:
     """(gRPC metadata, timeout in seconds or None) for a call made on behalf of a request with `headers`.
     With tracing on, traceparent/tracestate name the bridge's span (the service's span becomes its child)."""
-    metadata = [(name, headers[name]) for name in FORWARDED_HEADERS if name in headers]
+    # a value gRPC refuses as metadata (not printable ASCII) would fail the call: such a header is not forwarded
+    metadata = [(name, headers[name]) for name in FORWARDED_HEADERS
+                if name in headers and headers[name].isascii() and headers[name].isprintable()]
     span = current_span.get()
     if span is not None:
         propagated = Tracing.inject(span)

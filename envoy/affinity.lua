@@ -10,19 +10,22 @@ local MAX_KEY_BYTES = 256
 
 local function usable(value)
   if type(value) ~= "string" then return nil end
-  value = value:gsub("%c", ""):sub(1, MAX_KEY_BYTES)  -- a header value: no control characters
+  -- a value gRPC takes as metadata (printable ASCII, which is all a native client can send): other bytes are
+  -- percent-encoded, so a key of any UTF-8 text hashes the same way every time and never breaks the call
+  value = value:sub(1, MAX_KEY_BYTES):gsub("[^\32-\126]", function(c) return string.format("%%%02X", c:byte()) end)
   if value == "" then return nil end
   return value
 end
 
 function envoy_on_request(request_handle)
   local headers = request_handle:headers()
-  if usable(headers:get(AFFINITY_HEADER)) then return end
+  local sent = headers:get(AFFINITY_HEADER)
   local body = request_handle:streamInfo():dynamicMetadata():get(METADATA_NAMESPACE) or {}
   -- the value itself, not tagged with its source: a key sent as prompt_cache_key over REST and as gRPC
   -- metadata by a native client reaches the same replica
-  local key = usable(body["prompt_cache_key"]) or usable(body["user"]) or usable(headers:get("x-client-id"))
-  if key ~= nil then
+  local key = usable(sent) or usable(body["prompt_cache_key"]) or usable(body["user"])
+    or usable(headers:get("x-client-id"))
+  if key ~= nil and key ~= sent then
     headers:replace(AFFINITY_HEADER, key)
     request_handle:clearRouteCache()  -- the route (affinity or not) is chosen on this header
   end

@@ -229,13 +229,9 @@ class GenerationServicer(ResponsesMixin, generation_service_pb2_grpc.GenerationS
     # ---- running the choices ----------------------------------------------------------------------------
 
     def _request_stream_interval(self, request) -> int:
-        """The request's `stream_interval` extension, or the server's default when absent or 0."""
-        if not request.HasField("stream_interval") or request.stream_interval == 0:
-            return self._stream_interval
-        if request.stream_interval < 0:
-            raise InvalidArgument("stream_interval", f"'stream_interval' must be 0 (the server's default), 1 (a "
-                                                     f"chunk per token) or more; got {request.stream_interval}.")
-        return request.stream_interval
+        """The request's `stream_interval` extension, or the server's default when absent or 0 (a negative one is
+        refused by validation)."""
+        return request.stream_interval if request.stream_interval > 0 else self._stream_interval
 
     async def _events(self, prepared: _Prepared, stream_interval: int = 0) -> AsyncIterator[tuple[ChoiceEvent, bool]]:
         """The merged choice events (coalesced, see service.choices), each with whether it is the very last

@@ -193,6 +193,10 @@ def _decoding(request: Any, max_tokens: int | None, logprobs: int | None, vocab_
     n = request.n if _has(request, "n") else 1
     if n < 1:
         raise InvalidArgument("n", f"'n' must be at least 1, got {n}.")
+    # refused with or without streaming, so the transcoder's path (unary) and the bridge's agree on a body
+    if request.stream_interval < 0:
+        raise InvalidArgument("stream_interval", f"'stream_interval' must be 0 (the server's default), 1 (a chunk "
+                                                 f"per token) or more; got {request.stream_interval}.")
     if n > limits.max_n:
         raise _over_limit("n", f"'n' is {n}; at most {limits.max_n} choices are allowed (limit max_n).",
                           "max_n", limits.max_n)

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from google.protobuf import struct_pb2
 
-from genrpc.v1 import chat_pb2, generation_service_pb2_grpc
+from genrpc.v1 import chat_pb2, completion_pb2, generation_service_pb2_grpc, responses_pb2
 
 TIMEOUT = httpx.Timeout(15.0)
 MESSAGES = [{"role": "user", "content": "Hi"}]
@@ -94,11 +94,36 @@ def test_logit_bias_with_object_values_is_a_400(http, stack):
 @pytest.mark.parametrize("fields", [
     {"tools": [None]}, {"tools": [None, {"type": "function", "function": {"name": "f"}}]}, {"functions": [None]},
     {"modalities": [None]}, {"messages": [None]}, {"messages": [{**MESSAGES[0], "tool_calls": [None]}]},
-    {"stop": ["a", None]}, {"logit_bias": {"1": None}}])
-def test_null_elements_get_one_verdict_on_both_paths(http, stack, fields):
-    # the transcoder skips a null element of a repeated field; the bridge must read such a body the same way
+    {"stop": ["a", None]}, {"logit_bias": {"1": None}},
+    {"tools": [[{"type": "function", "function": {"name": "f"}}]]}, {"modalities": [["text"]]}, {"functions": [[]]},
+    {"stream_interval": -1}])
+def test_transcoder_quirks_get_one_verdict_on_both_paths(http, stack, fields):
+    # the transcoder skips a null element of a repeated field and reads a nested list as its elements; the bridge
+    # must read such a body the same way (and a field only streaming uses is still checked without streaming)
     unary, streamed = verdicts(http, {"model": stack.model, "messages": MESSAGES, "max_tokens": 1, **fields})
     assert unary == streamed, f"{fields}: transcoder {unary} vs bridge {streamed}"
+
+
+@pytest.mark.parametrize("value", [{}, {"a": 1}, {"": 1}, {"a": {"": 1}}, [], [1], "x"])
+def test_list_value_fields_get_one_verdict_on_both_paths(http, stack, value):
+    # the transcoder reads an object given for a google.protobuf.ListValue as an empty list
+    unary, streamed = verdicts(http, {"model": stack.model, "input": "Hi", "max_output_tokens": 1,
+                                      "context_management": value}, "/v1/responses")
+    assert unary == streamed, f"{value}: transcoder {unary} vs bridge {streamed}"
+
+
+@pytest.mark.parametrize("fields, headers", [
+    ({"user": "\x80"}, {}), ({"user": "café"}, {}), ({"prompt_cache_key": "日本語\x7f"}, {}),
+    ({}, {"x-request-id": "é".encode()}), ({}, {"x-genrpc-affinity": "clé".encode()}),
+    ({}, {"traceparent": b"\xff"})])
+def test_non_ascii_keys_and_headers_are_served(http, stack, fields, headers):
+    # the affinity key (from prompt_cache_key / user / the header) and the headers the bridge forwards become gRPC
+    # metadata, which takes printable ASCII only: they must never fail the call
+    body = {"model": stack.model, "messages": MESSAGES, "max_tokens": 1, **fields}
+    for stream in (False, True):
+        response = http.post("/v1/chat/completions", content=json.dumps({**body, "stream": stream}),
+                             headers={"content-type": "application/json", **headers})
+        assert response.status_code == 200, (stream, response.status_code, response.text[:300])
 
 
 def test_stream_must_be_a_boolean(http, stack):
@@ -217,6 +242,53 @@ def test_property_no_5xx_and_paths_agree(http, stack, fields, path):
         return
     unary, streamed = verdicts(http, body, path)
     assert unary == streamed, f"{body}: transcoder {unary} vs bridge {streamed}"
+
+
+# Field names drawn from the request's own protobuf schema, nested: random keys almost never hit `function`,
+# `role` or `json_schema`, so the top-level property above never reaches a nested field's parsing.
+_TOKEN_COUNTS = {"max_tokens", "max_completion_tokens", "max_output_tokens", "min_tokens", "n", "best_of"}
+_OPAQUE = {"google.protobuf.Value", "google.protobuf.Struct", "google.protobuf.ListValue"}
+
+
+def schema_shaped(descriptor, depth: int = 0) -> st.SearchStrategy:
+    """A JSON object whose keys are `descriptor`'s fields (token counts left out), each value either shaped like
+    the field (a nested message by its own schema, a list for a repeated field) or any JSON value."""
+    fields = {}
+    for field in descriptor.fields:
+        if field.name in _TOKEN_COUNTS:
+            continue
+        nested = field.message_type
+        if nested is not None and nested.GetOptions().map_entry:
+            shaped = st.dictionaries(st.text(max_size=6), json_leaf, max_size=3)
+        elif nested is not None and nested.full_name not in _OPAQUE and depth < 3:
+            shaped = schema_shaped(nested, depth + 1)
+        else:
+            shaped = json_leaf
+        if field.is_repeated and not (nested is not None and nested.GetOptions().map_entry):
+            shaped = st.lists(st.one_of(shaped, json_leaf), max_size=3)
+        fields[field.name] = st.one_of(shaped, json_value)
+    if depth:
+        return st.fixed_dictionaries({}, optional=fields)
+    # at the top, one or two fields over a valid request: every other field parses, so each mutation is reached
+    one_field = st.sampled_from(sorted(fields)).flatmap(lambda name: fields[name].map(lambda value: (name, value)))
+    return st.lists(one_field, min_size=1, max_size=2).map(dict)
+
+
+@settings(max_examples=600, deadline=None, suppress_health_check=list(HealthCheck))
+@given(case=st.one_of(
+    schema_shaped(chat_pb2.ChatCompletionRequest.DESCRIPTOR).map(
+        lambda fields: ("/v1/chat/completions", {"messages": MESSAGES, **fields})),
+    schema_shaped(completion_pb2.CompletionRequest.DESCRIPTOR).map(
+        lambda fields: ("/v1/completions", {"prompt": "Hi", **fields})),
+    schema_shaped(responses_pb2.CreateResponseRequest.DESCRIPTOR).map(
+        lambda fields: ("/v1/responses", {"input": "Hi", **fields}))))
+def test_property_schema_shaped_bodies_get_one_verdict(http, stack, case):
+    path, body = case
+    limit = "max_output_tokens" if path == "/v1/responses" else "max_tokens"
+    body = {**body, "model": stack.model, limit: 1}
+    body.pop("stream", None)
+    unary, streamed = verdicts(http, body, path)
+    assert unary == streamed, f"{path} {body}: transcoder {unary} vs bridge {streamed}"
 
 
 # Last: the longest (every field x every bad value, on both paths).
