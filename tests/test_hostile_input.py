@@ -291,6 +291,34 @@ def test_property_schema_shaped_bodies_get_one_verdict(http, stack, case):
     assert unary == streamed, f"{path} {body}: transcoder {unary} vs bridge {streamed}"
 
 
+def _dashscope_bodies() -> st.SearchStrategy:
+    from genrpc.bridge.dashscope import BRIDGE_PARAMS, CHAT_ONLY_PARAMS, COMMON_PARAMS, OFF_SWITCHES
+
+    names = sorted({*BRIDGE_PARAMS, *CHAT_ONLY_PARAMS, *COMMON_PARAMS, *OFF_SWITCHES, "top_k", "stop"}
+                   - {"max_tokens", "n"})
+    message = st.fixed_dictionaries({}, optional={"role": st.one_of(st.sampled_from(["user", "system", "assistant",
+                                                                                    "tool"]), json_leaf),
+                                                  "content": json_value, "name": json_leaf,
+                                                  "tool_calls": json_value, "tool_call_id": json_leaf})
+    inputs = st.one_of(st.fixed_dictionaries({"messages": st.one_of(st.lists(message, min_size=1, max_size=3),
+                                                                    json_value)}),
+                       st.fixed_dictionaries({"prompt": st.one_of(st.just("Hi"), json_leaf)}), json_value)
+    parameters = st.dictionaries(st.sampled_from(names), json_value, max_size=3)
+    return st.tuples(inputs, parameters, st.booleans())
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@given(case=_dashscope_bodies())
+def test_property_dashscope_bodies_are_answered_in_its_shape(http, stack, case):
+    inputs, parameters, sse = case
+    body = {"model": stack.model, "input": inputs, "parameters": {**parameters, "max_tokens": 1}}
+    if any(isinstance(v, float) and not math.isfinite(v) for v in parameters.values()):
+        return
+    response = http.post(DASHSCOPE_PATH, content=json.dumps(body), headers={
+        "content-type": "application/json", **({"x-dashscope-sse": "enable"} if sse else {})})
+    check_dashscope_error(response, f"sse={sse} {body}")
+
+
 # Last: the longest (every field x every bad value, on both paths).
 @pytest.mark.parametrize("field", FIELDS)
 def test_type_confusion_every_field(http, stack, field):
