@@ -15,7 +15,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from google.protobuf import struct_pb2
+from google.protobuf import json_format, struct_pb2
+from grpc_status import rpc_status
 
 from genrpc.v1 import chat_pb2, completion_pb2, generation_service_pb2_grpc, responses_pb2
 
@@ -289,6 +290,38 @@ def test_property_schema_shaped_bodies_get_one_verdict(http, stack, case):
     body.pop("stream", None)
     unary, streamed = verdicts(http, body, path)
     assert unary == streamed, f"{path} {body}: transcoder {unary} vs bridge {streamed}"
+
+
+@pytest.fixture(scope="module")
+def grpc_stub(stack):
+    with grpc.insecure_channel(stack.grpc_address) as channel:
+        yield generation_service_pb2_grpc.GenerationServiceStub(channel)
+
+
+_GRPC_CASES = [("CreateChatCompletion", chat_pb2.ChatCompletionRequest, {"messages": MESSAGES}),
+               ("CreateCompletion", completion_pb2.CompletionRequest, {"prompt": "Hi"}),
+               ("CreateResponse", responses_pb2.CreateResponseRequest, {"input": "Hi"})]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@given(case=st.sampled_from(_GRPC_CASES).flatmap(
+    lambda c: schema_shaped(c[1].DESCRIPTOR).map(lambda fields: (c, fields))))
+def test_property_grpc_errors_are_precise(grpc_stub, stack, case):
+    """Native gRPC with the same schema-shaped requests (those protobuf can hold at all): OK or a precise status
+    carrying google.rpc details, never INTERNAL or UNKNOWN."""
+    (method, message_type, base), fields = case
+    limit = "max_output_tokens" if message_type is responses_pb2.CreateResponseRequest else "max_tokens"
+    try:
+        request = json_format.ParseDict({**base, **fields, "model": stack.model, limit: 1}, message_type())
+    except (json_format.ParseError, ValueError, TypeError, OverflowError):
+        return  # not a message a gRPC client can send
+    request.ClearField("stream")
+    try:
+        getattr(grpc_stub, method)(request, timeout=30)
+    except grpc.RpcError as error:
+        assert error.code() not in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN), (fields, error.details())
+        status = rpc_status.from_call(error)
+        assert status is not None and status.details, (fields, error.code(), error.details())
 
 
 def _dashscope_bodies() -> st.SearchStrategy:
