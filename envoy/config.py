@@ -255,7 +255,8 @@ def render(*, listen_host: str, listen_port: int, admin_port: int, grpc_host: st
         max_generating_requests=limit,
         generating_paths_regex=f"/{re.escape(SERVICE_NAME)}/({'|'.join(GENERATING_METHODS)})",
         gateway_full_message=gateway_full.message, gateway_full_reason=gateway_full.reason,
-        gateway_full_details=base64.b64encode(to_rpc_status(gateway_full).SerializeToString()).decode(),
+        gateway_full_details=base64.b64encode(  # deterministic: map order would vary per process
+            to_rpc_status(gateway_full).SerializeToString(deterministic=True)).decode(),
         resource_exhausted=gateway_full.code.value[0], dashscope_throttling=DASHSCOPE_GRPC_CODES[gateway_full.code.value[0]])
 
 

@@ -97,7 +97,7 @@ def to_rpc_status(error: ServiceError) -> status_pb2.Status:
     packed = []
     for detail in details:
         any_detail = any_pb2.Any()
-        any_detail.Pack(detail)
+        any_detail.Pack(detail, deterministic=True)  # map order would otherwise vary per process
         packed.append(any_detail)
     return status_pb2.Status(code=getattr(code_pb2, error.code.name), message=error.message, details=packed)
 
