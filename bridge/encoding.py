@@ -72,9 +72,12 @@ _NUMBER_TYPES = {FieldDescriptor.TYPE_DOUBLE, FieldDescriptor.TYPE_FLOAT, FieldD
 _OPAQUE = {"google.protobuf.Value", "google.protobuf.Struct", "google.protobuf.ListValue"}
 
 
+def _message_name(field: FieldDescriptor) -> str:
+    return field.message_type.full_name if field.message_type is not None else ""
+
+
 def _align_scalar(field: FieldDescriptor, value: Any) -> Any:
-    if field.message_type is not None and field.message_type.full_name == "google.protobuf.ListValue" \
-            and isinstance(value, dict):
+    if _message_name(field) == "google.protobuf.ListValue" and isinstance(value, dict):
         if "" in value:  # ... once it has refused an empty key at its top
             raise ValueError(f"Invalid empty field name in {field.name}")
         return []  # the transcoder reads any other object as an empty list
@@ -121,13 +124,10 @@ def align_with_transcoder(body: dict[str, Any], descriptor: Descriptor) -> dict[
                     # error to json_format
                     value[map_key] = value_field.default_value if item is None else _align_scalar(value_field, item)
         elif field.is_repeated:
-            if isinstance(value, list):
-                if field.message_type is not None and field.message_type.full_name == "google.protobuf.Value":
-                    body[key] = [item if item is None else _align_scalar(field, item) for item in value]
-                else:
-                    # the transcoder (protobuf's C++ ProtoWriter) skips a null element and reads a list nested in
-                    # a repeated field as its elements; a null or a list is a google.protobuf.Value of its own
-                    body[key] = [_align_scalar(field, item) for item in _flat(value) if item is not None]
+            # the transcoder (protobuf's C++ ProtoWriter) skips a null element and reads a list nested in a
+            # repeated field as its elements; a null or a list is a google.protobuf.Value of its own
+            if isinstance(value, list) and _message_name(field) != "google.protobuf.Value":
+                body[key] = [_align_scalar(field, item) for item in _flat(value) if item is not None]
         else:
             body[key] = _align_scalar(field, value)
     return body

@@ -218,6 +218,7 @@ def render(*, listen_host: str, listen_port: int, admin_port: int, grpc_host: st
     local_statuses = sorted(set(HTTP_ERROR_TYPES) | set(HTTP_ERROR_CODES))
     limit = int(max_generating_requests) or REQUEST_CEILING
     gateway_full = gateway_full_error(limit)
+    gateway_full_code = gateway_full.code.value[0]
     return _environment().get_template(TEMPLATE).render(
         admin_host=ADMIN_HOST, admin_port=int(admin_port), listen_host=listen_host, listen_port=int(listen_port),
         stats_port=int(stats_port) if stats_port >= 0 else None, stats_host=stats_host or listen_host,
@@ -257,7 +258,7 @@ def render(*, listen_host: str, listen_port: int, admin_port: int, grpc_host: st
         gateway_full_message=gateway_full.message, gateway_full_reason=gateway_full.reason,
         gateway_full_details=base64.b64encode(  # deterministic: map order would vary per process
             to_rpc_status(gateway_full).SerializeToString(deterministic=True)).decode(),
-        resource_exhausted=gateway_full.code.value[0], dashscope_throttling=DASHSCOPE_GRPC_CODES[gateway_full.code.value[0]])
+        resource_exhausted=gateway_full_code, dashscope_throttling=DASHSCOPE_GRPC_CODES[gateway_full_code])
 
 
 def descriptor_path() -> Path:

@@ -58,7 +58,8 @@ class Settings(BaseSettings):
                                "itself answers 429 / RESOURCE_EXHAUSTED with retry-after, before any bridge or "
                                "service work (the service still decides exactly below it). -1 = the local "
                                "service's capacity, service_workers x (max_batch_size + max_queue) + "
-                               "16, when --grpc-upstreams is empty, else 0; 0 = Envoy's ceiling of 4096")
+                               f"{GATEWAY_ADMISSION_MARGIN}, when --grpc-upstreams is empty, else 0; 0 = Envoy's "
+                               "ceiling of 4096")
     rate_limit_rps: int = Field(0, description="Envoy rate limit: requests per second per Envoy process, burst the "
                                                "same; beyond it REST gets 429, gRPC RESOURCE_EXHAUSTED (0 = off)")
     tls_cert_file: str = Field("", description="Envoy listener TLS: PEM certificate chain file (with --tls-key-file; "

@@ -18,10 +18,11 @@ from genrpc import processes
 from genrpc.settings import PORT_SETTINGS
 
 
-def scrape(url: str) -> dict[str, float]:
+def scrape(url: str, client: httpx.Client | None = None) -> dict[str, float]:
     """Every sample of a Prometheus endpoint, keyed `name{label="value",...}` (labels sorted)."""
     samples = {}
-    for family in text_string_to_metric_families(httpx.get(url, timeout=10).text):
+    text = (client.get(url) if client is not None else httpx.get(url, timeout=10)).text
+    for family in text_string_to_metric_families(text):
         for sample in family.samples:
             labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
             samples[f"{sample.name}{{{labels}}}"] = sample.value
@@ -115,13 +116,9 @@ class QueueWatch:
         # gzipped scrape every 10 ms took a measurable share of the service's CPU from the load it watched
         with httpx.Client(timeout=5, headers={"accept-encoding": "identity"}) as client:
             while not self._stop.is_set():
-                totals = {"genrpc_waiting_requests": 0.0, "genrpc_running_requests": 0.0}
-                for family in text_string_to_metric_families(client.get(self.url).text):
-                    for sample in family.samples:
-                        if sample.name in totals:
-                            totals[sample.name] += sample.value
-                self.max_waiting = max(self.max_waiting, totals["genrpc_waiting_requests"])
-                self.max_running = max(self.max_running, totals["genrpc_running_requests"])
+                samples = scrape(self.url, client)
+                self.max_waiting = max(self.max_waiting, metric_sum(samples, "genrpc_waiting_requests"))
+                self.max_running = max(self.max_running, metric_sum(samples, "genrpc_running_requests"))
                 self._stop.wait(0.05)
 
     def __enter__(self) -> QueueWatch:

@@ -4,6 +4,7 @@ kept by a background Watch), against a real grpc.aio server whose health the tes
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from typing import Any
 
@@ -51,6 +52,23 @@ async def start_health_server(port: int = 0) -> tuple[grpc.aio.Server, Any, int]
     await servicer.set("", NOT_SERVING)
     await server.start()
     return server, servicer, port
+
+
+@contextlib.asynccontextmanager
+async def bridge_on_a_serving_service():
+    """A health server reporting SERVING and a bridge watching it, once the bridge says `ready`: yields the server,
+    its servicer and an HTTP client of the bridge; stops both after."""
+    server, servicer, port = await start_health_server()
+    await servicer.set("", SERVING)
+    settings, bridge, task = await start_bridge(port)
+    try:
+        async with httpx.AsyncClient(base_url=f"http://{HOST}:{settings.bridge_port}", timeout=10) as http:
+            await ready_state(http, "ready")
+            yield server, servicer, http
+    finally:
+        bridge.should_exit = True
+        await task
+        await server.stop(0)
 
 
 async def test_readiness_follows_the_service_health():
@@ -122,42 +140,24 @@ async def test_watch_renewals_keep_the_state(monkeypatch):
     from genrpc.bridge import health as bridge_health
 
     monkeypatch.setattr(bridge_health, "WATCH_RENEW_S", 0.2)
-    server, servicer, port = await start_health_server()
-    await servicer.set("", SERVING)
-    settings, bridge, task = await start_bridge(port)
-    try:
-        async with httpx.AsyncClient(base_url=f"http://{HOST}:{settings.bridge_port}", timeout=10) as http:
-            await ready_state(http, "ready")
-            deadline = time.monotonic() + 10
-            while servicer.watches < 4:
-                assert time.monotonic() < deadline, servicer.watches
-                assert (await http.get("/health/ready")).json() == {"status": "ready"}
-                await asyncio.sleep(0.05)
-            await servicer.enter_graceful_shutdown()
-            await ready_state(http, "draining")
-    finally:
-        bridge.should_exit = True
-        await task
-        await server.stop(0)
+    async with bridge_on_a_serving_service() as (server, servicer, http):
+        deadline = time.monotonic() + 10
+        while servicer.watches < 4:
+            assert time.monotonic() < deadline, servicer.watches
+            assert (await http.get("/health/ready")).json() == {"status": "ready"}
+            await asyncio.sleep(0.05)
+        await servicer.enter_graceful_shutdown()
+        await ready_state(http, "draining")
 
 
 async def test_a_draining_service_is_not_held_by_the_watch():
     """A draining grpc.aio server waits for every open call before it exits: the bridge ends its watch when it
     sees the drain, so an idle service stops at once instead of at the watch's next renewal (30 s)."""
-    server, servicer, port = await start_health_server()
-    await servicer.set("", SERVING)
-    settings, bridge, task = await start_bridge(port)
-    try:
-        async with httpx.AsyncClient(base_url=f"http://{HOST}:{settings.bridge_port}", timeout=10) as http:
-            await ready_state(http, "ready")
-            assert servicer.open_watches == 1
-            await servicer.enter_graceful_shutdown()
-            await ready_state(http, "draining")
-            stopping = asyncio.create_task(server.stop(60))  # what the service does: drain, grace 60 s
-            done, _ = await asyncio.wait({stopping}, timeout=15)
-            assert done, f"the drain still waits for {servicer.open_watches} open watch(es)"
-            await ready_state(http, "unavailable")
-    finally:
-        bridge.should_exit = True
-        await task
-        await server.stop(0)
+    async with bridge_on_a_serving_service() as (server, servicer, http):
+        assert servicer.open_watches == 1
+        await servicer.enter_graceful_shutdown()
+        await ready_state(http, "draining")
+        stopping = asyncio.create_task(server.stop(60))  # what the service does: drain, grace 60 s
+        done, _ = await asyncio.wait({stopping}, timeout=15)
+        assert done, f"the drain still waits for {servicer.open_watches} open watch(es)"
+        await ready_state(http, "unavailable")

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from google.protobuf import json_format, struct_pb2
 from grpc_status import rpc_status
 
+from genrpc.bridge.encoding import _OPAQUE
 from genrpc.v1 import chat_pb2, completion_pb2, generation_service_pb2_grpc, responses_pb2
 
 TIMEOUT = httpx.Timeout(15.0)
@@ -248,7 +249,6 @@ def test_property_no_5xx_and_paths_agree(http, stack, fields, path):
 # Field names drawn from the request's own protobuf schema, nested: random keys almost never hit `function`,
 # `role` or `json_schema`, so the top-level property above never reaches a nested field's parsing.
 _TOKEN_COUNTS = {"max_tokens", "max_completion_tokens", "max_output_tokens", "min_tokens", "n", "best_of"}
-_OPAQUE = {"google.protobuf.Value", "google.protobuf.Struct", "google.protobuf.ListValue"}
 
 
 def schema_shaped(descriptor, depth: int = 0) -> st.SearchStrategy:
