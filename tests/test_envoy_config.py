@@ -799,6 +799,12 @@ def test_gateway_admission_limit_follows_the_settings_and_the_generating_rpcs():
     assert default_limits(Settings(envoy_max_requests=7)) == {7}
     assert default_limits(Settings(envoy_max_requests=0)) == {envoy_config.REQUEST_CEILING}
     assert default_limits(Settings(grpc_upstreams="genrpc-service:50051")) == {envoy_config.REQUEST_CEILING}
+    # a retry that overflows max_retries is flagged UO too, and would get the admission 429 with nothing full
+    # (a draining replica's refusals are retried several at once)
+    for settings in (Settings(), Settings(envoy_max_requests=7), Settings(grpc_upstreams="genrpc-service:50051")):
+        clusters = yaml.safe_load(cli.envoy_yaml(settings))["static_resources"]["clusters"]
+        thresholds = [t for c in clusters for t in c.get("circuit_breakers", {}).get("thresholds", [])]
+        assert thresholds and all(t["max_retries"] >= t["max_requests"] for t in thresholds), thresholds
     routes = _hcm(cli.envoy_yaml(Settings()))["route_config"]["virtual_hosts"][0]["routes"]
     high = {r["name"] for r in routes if r.get("route", {}).get("priority") == "HIGH"}
     assert {"grpc", "grpc_affinity", "health", "health_ready", "playground", "index"} <= high
