@@ -6,6 +6,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -74,12 +75,34 @@ def free_port(host: str = "127.0.0.1") -> int:
 def spawn(name: str, argv: list[str], *, env: dict[str, str] | None = None, log_path: str | os.PathLike | None = None,
           cwd: str | os.PathLike | None = None) -> Child:
     """Starts a child in its own process group (Ctrl-C in a terminal reaches only the parent, which then
-    stops the children in order)."""
+    stops the children in order) that gets SIGTERM if its parent dies (see `_term_when_parent_dies`)."""
     log_file = open(log_path, "wb") if log_path else None  # noqa: SIM115 - closed by Child.stop
     process = subprocess.Popen(argv, env={**os.environ, **(env or {})}, cwd=cwd, stdin=subprocess.DEVNULL,
                                stdout=log_file, stderr=subprocess.STDOUT if log_file else None,
-                               start_new_session=True)
+                               start_new_session=True, preexec_fn=_term_when_parent_dies())
     return Child(name, process, log_path, log_file)
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _term_when_parent_dies() -> Callable[[], None] | None:
+    """A pre-exec hook arming Linux's parent-death signal, so that a `genrpc up` killed with SIGKILL (or a test
+    runner killed mid-run) does not leave its service, bridge and Envoy running on their ports: they get SIGTERM
+    and drain as usual. The kernel sends it when the spawning *thread* exits, so it is armed only for children
+    spawned by the main thread (the supervisor's and the fixtures'); elsewhere, and off Linux, there is none."""
+    if not sys.platform.startswith("linux") or threading.current_thread() is not threading.main_thread():
+        return None
+    import ctypes
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    parent, sigterm = os.getpid(), int(signal.SIGTERM)
+
+    def arm() -> None:  # runs in the child between fork and exec: a system call, nothing that allocates
+        prctl(_PR_SET_PDEATHSIG, sigterm)
+        if os.getppid() != parent:  # the parent died before the signal was armed: do not start at all
+            os._exit(1)
+    return arm
 
 
 def wait_until(ready: Callable[[], bool], child: Child | None, timeout_s: float, what: str,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import sys
 import threading
 import time
@@ -173,4 +174,34 @@ def test_sigterm_drains_streams_through_envoy(tmp_path):
         assert stack.child.process.wait(timeout=60) == 0
         channel.close()
     finally:
+        stack.stop()
+
+
+def _exited(pid: int) -> bool:
+    """Gone, or a zombie nobody reaped yet (an orphan's new parent may not reap it)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def test_a_killed_genrpc_up_takes_its_children_with_it(tmp_path):
+    """SIGKILL leaves the supervisor no chance to stop its children: the kernel's parent-death signal does
+    (SIGTERM, so they drain as usual), and nothing is left running on the stack's ports."""
+    stack = Up(tmp_path, grace_s=5)
+    children: dict[str, int] = {}
+    try:
+        children.update((name, stack.child_pid(name)) for name in ("grpc_port", "bridge_port", "envoy_port"))
+        assert len(set(children.values())) == 3 and stack.child.pid not in children.values(), children
+        os.kill(stack.child.pid, signal.SIGKILL)
+        stack.child.process.wait(10)
+        processes.wait_until(lambda: all(_exited(pid) for pid in children.values()), None, 30,
+                             f"gone (children {children} of the killed genrpc up)")
+        for name in children:
+            with pytest.raises(ConnectionRefusedError):
+                socket.create_connection(("127.0.0.1", stack.ports[name]), timeout=5).close()
+    finally:
+        for pid in children.values():
+            if not _exited(pid):  # the test failed: leave nothing behind
+                os.kill(pid, signal.SIGKILL)
         stack.stop()
