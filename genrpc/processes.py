@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -75,34 +76,25 @@ def free_port(host: str = "127.0.0.1") -> int:
 def spawn(name: str, argv: list[str], *, env: dict[str, str] | None = None, log_path: str | os.PathLike | None = None,
           cwd: str | os.PathLike | None = None) -> Child:
     """Starts a child in its own process group (Ctrl-C in a terminal reaches only the parent, which then
-    stops the children in order) that gets SIGTERM if its parent dies (see `_term_when_parent_dies`)."""
+    stops the children in order) that gets SIGTERM if its parent dies (see `_terminated_with_parent`)."""
     log_file = open(log_path, "wb") if log_path else None  # noqa: SIM115 - closed by Child.stop
-    process = subprocess.Popen(argv, env={**os.environ, **(env or {})}, cwd=cwd, stdin=subprocess.DEVNULL,
-                               stdout=log_file, stderr=subprocess.STDOUT if log_file else None,
-                               start_new_session=True, preexec_fn=_term_when_parent_dies())
+    process = subprocess.Popen(_terminated_with_parent(argv), env={**os.environ, **(env or {})}, cwd=cwd,
+                               stdin=subprocess.DEVNULL, stdout=log_file,
+                               stderr=subprocess.STDOUT if log_file else None, start_new_session=True)
     return Child(name, process, log_path, log_file)
 
 
-_PR_SET_PDEATHSIG = 1
-
-
-def _term_when_parent_dies() -> Callable[[], None] | None:
-    """A pre-exec hook arming Linux's parent-death signal, so that a `genrpc up` killed with SIGKILL (or a test
-    runner killed mid-run) does not leave its service, bridge and Envoy running on their ports: they get SIGTERM
-    and drain as usual. The kernel sends it when the spawning *thread* exits, so it is armed only for children
-    spawned by the main thread (the supervisor's and the fixtures'); elsewhere, and off Linux, there is none."""
-    if not sys.platform.startswith("linux") or threading.current_thread() is not threading.main_thread():
-        return None
-    import ctypes
-
-    prctl = ctypes.CDLL(None, use_errno=True).prctl
-    parent, sigterm = os.getpid(), int(signal.SIGTERM)
-
-    def arm() -> None:  # runs in the child between fork and exec: a system call, nothing that allocates
-        prctl(_PR_SET_PDEATHSIG, sigterm)
-        if os.getppid() != parent:  # the parent died before the signal was armed: do not start at all
-            os._exit(1)
-    return arm
+def _terminated_with_parent(argv: list[str]) -> list[str]:
+    """`argv` under util-linux's `setpriv --pdeathsig TERM`, which arms Linux's parent-death signal and execs it (same
+    pid): a `genrpc up` killed with SIGKILL, or a test runner killed mid-run, then does not leave its service, bridge
+    and Envoy running on their ports; they get SIGTERM and drain as usual. Not a pre-exec hook: Python code between
+    fork and exec in a process with gRPC's threads can crash the child. The kernel sends the signal when the
+    spawning *thread* exits, so only children of the main thread (the supervisor's, the fixtures') get it; off Linux,
+    or without setpriv, there is none."""
+    setpriv = shutil.which("setpriv") if sys.platform.startswith("linux") else None
+    if setpriv is None or threading.current_thread() is not threading.main_thread():
+        return argv
+    return [setpriv, "--pdeathsig", "TERM", "--", *argv]
 
 
 def wait_until(ready: Callable[[], bool], child: Child | None, timeout_s: float, what: str,

@@ -116,6 +116,8 @@ class ServiceMetrics:
                                        m + ["client_id", "code"], registry=r)
         self.client_tokens = Counter("genrpc_client_tokens", "Tokens per client (x-client-id), by kind.",
                                      m + ["client_id", "kind"], registry=r)
+        self.heap_trims = Counter("genrpc_heap_trims", "Times the service returned a burst's freed heap memory to "
+                                  "the OS once the burst ended (service/memory.py).", registry=r)
         r.register(_EngineLoad(engine, self))
         self.bind_model(model_name)
 

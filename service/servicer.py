@@ -22,6 +22,7 @@ from genrpc.service.choices import ChoiceEvent, ChoiceSpec, run_choices
 from genrpc.service.constraints import Constraint, forced_tool_call_grammar, response_format_constraint
 from genrpc.service.engines.base import Engine, SamplingParams, TokenLogprob
 from genrpc.service.errors import ContextLengthExceeded, InvalidArgument, ModelNotFound, NotReady, Overloaded
+from genrpc.service.memory import HeapTrimmer
 from genrpc.service.metrics import ServiceMetrics, current_request
 from genrpc.service.prompts import fit_messages_to_budget, message_images, render_chat
 from genrpc.service.responses import NULL, string_value
@@ -76,6 +77,7 @@ class GenerationServicer(ResponsesMixin, generation_service_pb2_grpc.GenerationS
         self._limits = limits
         self._capacity = capacity
         self._admitted = 0  # choices admitted and not finished (running, queued, or being prepared)
+        self._heap = HeapTrimmer(metrics.heap_trims.inc)
         self._ready = False
         self._created = int(time.time())
 
@@ -111,10 +113,13 @@ class GenerationServicer(ResponsesMixin, generation_service_pb2_grpc.GenerationS
                 f"Retry after a second.",
                 metadata={"limit": "max_queue", "limit_value": str(self._capacity)}, retry_delay_s=1.0)
         self._admitted += cost
+        self._heap.admitted(self._admitted)
         try:
             yield
         finally:
             self._admitted -= cost
+            if not self._admitted:
+                self._heap.idle()
 
     def mark_ready(self) -> None:
         self._ready = True
