@@ -2,21 +2,24 @@
 
 glibc keeps what a burst of concurrent streams freed (gRPC call arenas, HTTP/2 buffers, Python objects) inside its
 arenas, so RSS after a burst follows the biggest burst so far plus fragmentation, not what the service holds: after
-1,000-stream cancel storms it wandered 80-92 MiB from one storm to the next. `malloc_trim(0)` releases the free pages
-(measured: 80.7-85.6 MiB after each storm, 78.7-80.7 after trimming). It runs on the event loop when the last
-admitted request of a burst ends: the loop is idle then, and a request that trickles in alone never triggers it.
+1,000-stream cancel storms it wandered 80-92 MiB from one storm to the next. A full garbage collection first (a
+cancelled stream's exception and frames form reference cycles that wait for the oldest generation), then
+`malloc_trim(0)` releases the free pages (measured: 80.7-85.6 MiB after each storm, 78.7-80.7 after trimming alone;
+with the collection, 80.5-81.5 MiB from the 3rd storm to the 10th). It runs on the event loop when the last admitted
+request of a burst ends: the loop is idle then, and a request that trickles in alone never triggers it.
 """
 
 from __future__ import annotations
 
 import ctypes
+import gc
 import logging
 import time
 from collections.abc import Callable
 
 log = logging.getLogger(__name__)
 
-BURST = 64  # admitted at once: a burst whose buffers are worth returning (one trim costs a few ms)
+BURST = 64  # admitted at once: a burst whose memory is worth returning (collection + trim: a few ms)
 
 
 def _malloc_trim() -> Callable[[int], int] | None:
@@ -44,6 +47,7 @@ class HeapTrimmer:
             return
         self._peak = 0
         started = time.perf_counter()
+        gc.collect()
         self._trim(0)
         log.debug("returned freed heap to the OS after a burst (%.1f ms)", 1000 * (time.perf_counter() - started))
         self._on_trim()

@@ -117,7 +117,7 @@ class ServiceMetrics:
         self.client_tokens = Counter("genrpc_client_tokens", "Tokens per client (x-client-id), by kind.",
                                      m + ["client_id", "kind"], registry=r)
         self.heap_trims = Counter("genrpc_heap_trims", "Times the service returned a burst's freed heap memory to "
-                                  "the OS once the burst ended (service/memory.py).", registry=r)
+                                  "the OS once the burst ended (service/memory.py).", m, registry=r)
         r.register(_EngineLoad(engine, self))
         self.bind_model(model_name)
 
@@ -126,8 +126,11 @@ class ServiceMetrics:
         self.model_name = model_name
         for metric in (self.prompt_tokens, self.generation_tokens, self.cached_prompt_tokens,
                        self.time_to_first_token, self.inter_token_latency, self.time_per_output_token,
-                       self.queue_time):
+                       self.queue_time, self.heap_trims):
             metric.labels(model_name)
+
+    def count_heap_trim(self) -> None:
+        self.heap_trims.labels(self.model_name).inc()
 
     def client_label(self, raw: str | None) -> str:
         """A bounded label for an x-client-id: absent or malformed -> anonymous, beyond max_clients -> other.

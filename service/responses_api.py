@@ -29,7 +29,7 @@ from genrpc.service.interceptor import reported_error
 from genrpc.service.response_store import ResponseStore, StoredResponse
 from genrpc.service.responses import NULL, json_value, string_value
 # Chat's canonical JSON (deterministic key order for prompts and grammars), so tools render exactly as in chat.
-from genrpc.service.validation import canonical_json
+from genrpc.service.validation import as_json, canonical_json
 
 MAX_METADATA_KEYS = 16
 MAX_INPUT_ITEMS_PAGE = 100
@@ -222,7 +222,7 @@ def _tools(request: responses_pb2.CreateResponseRequest) -> tuple[list[dict[str,
     """(the Responses tools as given, the same tools in chat shape)."""
     given, chat_tools = [], []
     for index, tool in enumerate(request.tools):
-        data = canonical_json(tool)
+        data = canonical_json(tool, f"tools[{index}]")
         kind = data.get("type")
         if kind != "function":
             raise UnsupportedParameter(f"tools[{index}].type", f"'tools[{index}].type' is {kind!r}: built-in tools "
@@ -239,7 +239,7 @@ def _tool_choice(request: responses_pb2.CreateResponseRequest) -> tuple[Any, Any
     """(the tool choice to echo, the chat tool_choice or None)."""
     if not _is_set(request, "tool_choice"):
         return "auto", None
-    choice = json_format.MessageToDict(request.tool_choice)
+    choice = as_json(request.tool_choice, "tool_choice")
     if choice in ("none", "auto", "required"):
         return choice, choice
     if isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("name"), str):
@@ -256,7 +256,7 @@ def _text_format(request: responses_pb2.CreateResponseRequest) -> tuple[dict[str
                                                      "is refused rather than ignored.")
     if not request.text.HasField("format"):
         return {"format": {"type": "text"}}, None
-    fmt = canonical_json(request.text.format)
+    fmt = canonical_json(request.text.format, "text.format")
     kind = fmt.get("type")
     if kind == "text":
         return {"format": {"type": "text"}}, None
@@ -297,7 +297,7 @@ def convert(request: responses_pb2.CreateResponseRequest, history: list[dict[str
     _refusals(request)
     if not _is_set(request, "input"):
         raise InvalidArgument("input", "'input' is required.")
-    messages, sources, items = _input_messages(json_format.MessageToDict(request.input), allow_images)
+    messages, sources, items = _input_messages(as_json(request.input, "input"), allow_images)
     given_tools, chat_tools = _tools(request)
     echo_choice, chat_choice = _tool_choice(request)
     text, response_format = _text_format(request)

@@ -77,7 +77,7 @@ class GenerationServicer(ResponsesMixin, generation_service_pb2_grpc.GenerationS
         self._limits = limits
         self._capacity = capacity
         self._admitted = 0  # choices admitted and not finished (running, queued, or being prepared)
-        self._heap = HeapTrimmer(metrics.heap_trims.inc)
+        self._heap = HeapTrimmer(metrics.count_heap_trim)
         self._ready = False
         self._created = int(time.time())
 

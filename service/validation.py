@@ -103,9 +103,18 @@ class CompletionJob:
     echo: bool = False
 
 
-def canonical_json(message: Any) -> Any:
+def as_json(message: Any, field: str, **options: Any) -> Any:
+    """A request message (a google.protobuf.Value, Struct or message holding them) as JSON. A NaN or Infinity in it,
+    which a gRPC client can send but JSON cannot hold, is refused naming `field`."""
+    try:
+        return json_format.MessageToDict(message, **options)
+    except (ValueError, json_format.Error) as exc:  # "Fail to serialize Infinity for Value.number_value ..."
+        raise InvalidArgument(field, f"'{field}' holds a number JSON cannot represent (NaN or Infinity).") from exc
+
+
+def canonical_json(message: Any, field: str) -> Any:
     """A request message as JSON with a deterministic key order (see `_canonical`)."""
-    return _canonical(json_format.MessageToDict(message, preserving_proto_field_name=True))
+    return _canonical(as_json(message, field, preserving_proto_field_name=True))
 
 
 def _canonical(value: Any) -> Any:
@@ -290,7 +299,7 @@ def _message_text(index: int, message: chat_pb2.ChatMessage, image_input: bool,
     name = f"messages[{index}].content"
     if not _has(message, "content"):
         return None
-    content = json_format.MessageToDict(message.content)
+    content = as_json(message.content, name)
     if content is None or isinstance(content, str):
         return content
     if not isinstance(content, list):
@@ -380,7 +389,7 @@ def _tools(request: chat_pb2.ChatCompletionRequest) -> list[dict[str, Any]]:
             raise InvalidArgument(f"tools[{index}].type", f"'tools[{index}].type' must be 'function'.")
         if not tool.function.name:
             raise InvalidArgument(f"tools[{index}].function.name", f"'tools[{index}].function.name' is required.")
-        tools.append(canonical_json(tool))
+        tools.append(canonical_json(tool, f"tools[{index}]"))
     names = [t["function"]["name"] for t in tools]
     if len(set(names)) != len(names):
         raise InvalidArgument("tools", "'tools' holds two functions with the same name.")
@@ -390,7 +399,7 @@ def _tools(request: chat_pb2.ChatCompletionRequest) -> list[dict[str, Any]]:
 def _tool_choice(request: chat_pb2.ChatCompletionRequest, tools: list[dict[str, Any]]) -> str | dict[str, Any]:
     if not _has(request, "tool_choice"):
         return "auto" if tools else "none"
-    choice = json_format.MessageToDict(request.tool_choice)
+    choice = as_json(request.tool_choice, "tool_choice")
     if choice in ("none", "auto", "required"):
         if choice == "required" and not tools:
             raise InvalidArgument("tool_choice", "'tool_choice' is 'required' but 'tools' is empty.")
@@ -407,7 +416,7 @@ def _tool_choice(request: chat_pb2.ChatCompletionRequest, tools: list[dict[str, 
 def _response_format(request: chat_pb2.ChatCompletionRequest) -> dict[str, Any] | None:
     if not _has(request, "response_format"):
         return None
-    response_format = canonical_json(request.response_format)
+    response_format = canonical_json(request.response_format, "response_format")
     kind = response_format.get("type", "")
     if kind not in ("", "text", "json_object", "json_schema"):
         raise InvalidArgument("response_format.type", "'response_format.type' must be 'text', 'json_object' or "
@@ -486,7 +495,7 @@ def chat_job(request: chat_pb2.ChatCompletionRequest, *, vocab_size: int, image_
 # ---- completions ----------------------------------------------------------------------------------------
 
 def _prompts(request: completion_pb2.CompletionRequest, vocab_size: int) -> list[str | list[int]]:
-    prompt = json_format.MessageToDict(request.prompt) if _has(request, "prompt") else None
+    prompt = as_json(request.prompt, "prompt") if _has(request, "prompt") else None
     if isinstance(prompt, str):
         prompts: list[Any] = [prompt]
     elif isinstance(prompt, list) and prompt and all(isinstance(p, (int, float)) for p in prompt):

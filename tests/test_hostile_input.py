@@ -324,6 +324,36 @@ def test_property_grpc_errors_are_precise(grpc_stub, stack, case):
         assert status is not None and status.details, (fields, error.code(), error.details())
 
 
+_NON_FINITE_CASES = [  # (method, request fields, the field the refusal names)
+    ("CreateChatCompletion", {"tool_choice": math.inf}, "tool_choice"),
+    ("CreateChatCompletion", {"messages": [{"role": "user", "content": math.nan}]}, "messages[0].content"),
+    ("CreateChatCompletion", {"tools": [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "maximum": -math.inf}}}]}, "tools[0]"),
+    ("CreateChatCompletion", {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+        "minimum": math.nan}}}}, "response_format"),
+    ("CreateCompletion", {"prompt": [1.0, math.inf]}, "prompt"),
+    ("CreateResponse", {"tool_choice": math.inf}, "tool_choice"),
+    ("CreateResponse", {"input": [{"role": "user", "content": math.inf}]}, "input"),
+    ("CreateResponse", {"text": {"format": {"type": "json_schema", "name": "x", "schema": {"maximum": math.inf}}}},
+     "text.format"),
+]
+
+
+@pytest.mark.parametrize("method,fields,field", _NON_FINITE_CASES, ids=lambda v: v if isinstance(v, str) else "")
+def test_grpc_non_finite_numbers_in_json_fields_are_invalid_argument(grpc_stub, stack, method, fields, field):
+    """A gRPC client can put NaN or Infinity in a google.protobuf.Value; JSON cannot hold them, and converting them
+    was a ValueError (INTERNAL), found by the property above: now INVALID_ARGUMENT naming the field."""
+    message_type, base = next((t, b) for m, t, b in _GRPC_CASES if m == method)
+    limit = "max_output_tokens" if message_type is responses_pb2.CreateResponseRequest else "max_tokens"
+    request = json_format.ParseDict({**base, **fields, "model": stack.model, limit: 1}, message_type())
+    with pytest.raises(grpc.RpcError) as caught:
+        getattr(grpc_stub, method)(request, timeout=30)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, caught.value.details()
+    assert "NaN or Infinity" in caught.value.details() and field in caught.value.details(), caught.value.details()
+    status = rpc_status.from_call(caught.value)
+    assert status is not None and status.details
+
+
 def _dashscope_bodies() -> st.SearchStrategy:
     from genrpc.bridge.dashscope import BRIDGE_PARAMS, CHAT_ONLY_PARAMS, COMMON_PARAMS, OFF_SWITCHES
 
