@@ -1,7 +1,9 @@
-"""HeapTrimmer: a burst's end returns its freed heap to the OS; a request that trickles in alone never trims."""
+"""HeapTrimmer: a quiet moment after a burst returns its freed heap to the OS; requests that trickle in alone never
+trim."""
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import sys
 
@@ -16,13 +18,14 @@ def rss_bytes() -> int:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="malloc_trim is glibc's")
-def test_trims_once_per_burst_and_gives_the_memory_back():
+async def test_trims_once_per_burst_when_quiet_and_gives_the_memory_back():
+    trimmed = asyncio.Event()
     trims = []
-    heap = HeapTrimmer(lambda: trims.append(1), burst=3)
+    heap = HeapTrimmer(lambda: (trims.append(1), trimmed.set()), burst=3, quiet_s=0.05)
     for count in (1, 2, 1):  # never 3 at once: no burst
         heap.admitted(count)
     heap.idle()
-    assert trims == []
+    assert heap._pending is None and trims == []
 
     libc = ctypes.CDLL(None)
     libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
@@ -36,9 +39,13 @@ def test_trims_once_per_burst_and_gives_the_memory_back():
     before = rss_bytes()
     heap.admitted(3)
     heap.idle()
+    heap.admitted(1)  # busy again before the quiet time: put off
+    assert heap._pending is None and trims == []
+    heap.idle()
+    await asyncio.wait_for(trimmed.wait(), 5)
     assert trims == [1]
     assert rss_bytes() < before - 40 * 2**20, (before, rss_bytes())
     heap.idle()  # no new burst since: nothing to do
-    assert trims == [1]
+    assert heap._pending is None
     for block in blocks[::64]:
         libc.free(block)
