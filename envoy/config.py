@@ -75,7 +75,8 @@ SERVICE_STREAM_WINDOW_BYTES = 1024 * 1024
 # priority, whose max_requests is the gateway's admission limit; every other request is HIGH priority.
 GENERATING_METHODS = ("Chat", "Generate", "CreateChatCompletion", "CreateCompletion", "CreateResponse",
                       "StreamResponse")
-# Envoy's own ceiling on requests in flight per cluster and priority, when no admission limit is set.
+# The clusters' ceiling on connections and requests in flight per priority (the generating routes' when no
+# admission limit is set).
 REQUEST_CEILING = 4096
 GATEWAY_FULL_MESSAGE = ("The server is at capacity: the gateway lets at most {limit} generating requests per path "
                         "through at once (limit envoy_max_requests = {limit}). Retry after a second.")
@@ -253,7 +254,7 @@ def render(*, listen_host: str, listen_port: int, admin_port: int, grpc_host: st
         openai_local_replies=[(s, _openai_type(s), HTTP_ERROR_CODES.get(s)) for s in local_statuses],
         grpc_errors=sorted(GRPC_ERROR_MAP.items()), http_error_types=sorted(HTTP_ERROR_TYPES.items()),
         # gateway admission
-        max_generating_requests=limit,
+        max_generating_requests=limit, request_ceiling=REQUEST_CEILING,
         generating_paths_regex=f"/{re.escape(SERVICE_NAME)}/({'|'.join(GENERATING_METHODS)})",
         gateway_full_message=gateway_full.message, gateway_full_reason=gateway_full.reason,
         gateway_full_details=base64.b64encode(  # deterministic: map order would vary per process

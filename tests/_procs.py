@@ -24,7 +24,6 @@ HOST = "127.0.0.1"
 _base_ids = itertools.count(1)
 
 
-
 def next_base_id() -> int:
     """A base id distinct from every other Envoy started by this process (and, by pid, by other runs)."""
     return (os.getpid() % 5000) * 20 + next(_base_ids) % 20 + 100

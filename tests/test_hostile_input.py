@@ -303,6 +303,12 @@ _GRPC_CASES = [("CreateChatCompletion", chat_pb2.ChatCompletionRequest, {"messag
                ("CreateResponse", responses_pb2.CreateResponseRequest, {"input": "Hi"})]
 
 
+def _grpc_request(message_type, base: dict, fields: dict, model: str):
+    """A one-token request of `message_type`: `base` (what makes it valid), then `fields` over it."""
+    limit = "max_output_tokens" if message_type is responses_pb2.CreateResponseRequest else "max_tokens"
+    return json_format.ParseDict({**base, **fields, "model": model, limit: 1}, message_type())
+
+
 @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
 @given(case=st.sampled_from(_GRPC_CASES).flatmap(
     lambda c: schema_shaped(c[1].DESCRIPTOR).map(lambda fields: (c, fields))))
@@ -310,9 +316,8 @@ def test_property_grpc_errors_are_precise(grpc_stub, stack, case):
     """Native gRPC with the same schema-shaped requests (those protobuf can hold at all): OK or a precise status
     carrying google.rpc details, never INTERNAL or UNKNOWN."""
     (method, message_type, base), fields = case
-    limit = "max_output_tokens" if message_type is responses_pb2.CreateResponseRequest else "max_tokens"
     try:
-        request = json_format.ParseDict({**base, **fields, "model": stack.model, limit: 1}, message_type())
+        request = _grpc_request(message_type, base, fields, stack.model)
     except (json_format.ParseError, ValueError, TypeError, OverflowError):
         return  # not a message a gRPC client can send
     request.ClearField("stream")
@@ -344,8 +349,7 @@ def test_grpc_non_finite_numbers_in_json_fields_are_invalid_argument(grpc_stub, 
     """A gRPC client can put NaN or Infinity in a google.protobuf.Value; JSON cannot hold them, and converting them
     was a ValueError (INTERNAL), found by the property above: now INVALID_ARGUMENT naming the field."""
     message_type, base = next((t, b) for m, t, b in _GRPC_CASES if m == method)
-    limit = "max_output_tokens" if message_type is responses_pb2.CreateResponseRequest else "max_tokens"
-    request = json_format.ParseDict({**base, **fields, "model": stack.model, limit: 1}, message_type())
+    request = _grpc_request(message_type, base, fields, stack.model)
     with pytest.raises(grpc.RpcError) as caught:
         getattr(grpc_stub, method)(request, timeout=30)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, caught.value.details()
