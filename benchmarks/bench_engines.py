@@ -3,6 +3,8 @@
   1. llama.cpp's own server in process (xllamacpp's `handle_completions`, the same server parameters),
   2. genrpc's llama.cpp engine in process,
   3. the whole genrpc stack (`genrpc up`: service, bridge, Envoy) driven by the OpenAI SDK, streaming,
+  4. llama.cpp's own HTTP server (llama-server's OpenAI route on the same `xllamacpp.Server`) driven by the same
+     OpenAI SDK client: what any HTTP front costs on this machine, with the client sharing its cores,
 
     .venv/bin/python benchmarks/bench_engines.py [--tokens 128] [--concurrency 1 4 8 16] [--with-reference]
 
@@ -36,6 +38,7 @@ from genrpc.settings import PORT_SETTINGS, Settings
 from genrpc.service.engines.base import GenerationRequest, SamplingParams
 from genrpc.service.engines.factory import llamacpp_config, reference_config
 from genrpc.service.engines.llamacpp import LlamaCppEngine
+from genrpc.service.engines.llamacpp import engine as llamacpp_engine
 
 USER_PROMPTS = [
     "What is the capital of France?", "Name three primary colors.", "Why is the sky blue?",
@@ -129,9 +132,11 @@ def service_pid(up_pid: int) -> int:
     raise LookupError("no service child")
 
 
-def bench_stack(base_url: str, model: str, user_prompts: list[str], concurrency: int, tokens: int) -> Row:
-    """The OpenAI SDK streaming through Envoy and the bridge, one thread per stream."""
-    client = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=600)
+def bench_stack(base_url: str, model: str, user_prompts: list[str], concurrency: int, tokens: int,
+                api_key: str = "unused") -> Row:
+    """The OpenAI SDK streaming over HTTP (through Envoy and the bridge, or to llama-server), one thread per
+    stream."""
+    client = openai.OpenAI(base_url=base_url, api_key=api_key, max_retries=0, timeout=600)
 
     def one(i: int) -> Run:
         t0 = time.perf_counter()
@@ -206,6 +211,16 @@ async def main(args: argparse.Namespace) -> None:
     # The stack first, so its start is measured on an idle machine; it sleeps while the in-process sides run.
     stack = StackUnderTest(slots)
     try:
+        # llama-server's HTTP listener has an unguessable API key (the engine keeps its HTTP port closed): read it.
+        api_keys: list[str] = []
+        engine_params = llamacpp_engine.server_params
+
+        def keep_api_key(*params_args):
+            params = engine_params(*params_args)
+            api_keys.extend(params.api_keys)
+            return params
+
+        llamacpp_engine.server_params = keep_api_key
         engine = LlamaCppEngine(llamacpp_config(Settings(max_batch_size=slots)))
         t0 = time.perf_counter()
         await engine.start()
@@ -217,10 +232,13 @@ async def main(args: argparse.Namespace) -> None:
         print(f"model {engine._config.gguf_path.name}, {engine._config.threads or 'all'} threads, {slots} slots, "
               f"{args.tokens} tokens per stream, {args.rounds} interleaved rounds per row (medians)")
 
+        llama_server_url = f"{server.listening_address}/v1"
         sides = {
             "llama.cpp": lambda c, n: asyncio.to_thread(bench_xllamacpp, server, prompts, c, n),
             "engine": lambda c, n: bench_engine(engine, prompts, c, n),
             "stack": lambda c, n: asyncio.to_thread(stack.run, c, n),
+            "llama-server": lambda c, n: asyncio.to_thread(bench_stack, llama_server_url, "model", USER_PROMPTS, c,
+                                                           n, api_keys[0]),
         }
         results: dict[str, dict[int, Row]] = {name: {} for name in sides}
         for c in args.concurrency:
@@ -243,6 +261,10 @@ async def main(args: argparse.Namespace) -> None:
     print_table("genrpc llama.cpp engine in process (ratios: genrpc / llama.cpp)", results["engine"], theirs)
     print_table("whole genrpc stack: OpenAI SDK streaming through Envoy + bridge (ratios: stack / llama.cpp)",
                 results["stack"], theirs)
+    print_table("llama.cpp's own HTTP server (llama-server's /v1/chat/completions on the same xllamacpp.Server), "
+                "the same OpenAI SDK client (ratios: llama-server / llama.cpp)", results["llama-server"], theirs)
+    print_table("whole genrpc stack against llama-server, both through the OpenAI SDK (ratios: stack / llama-server)",
+                results["stack"], results["llama-server"])
     print(f"\nstack cached start (genrpc up to Envoy ready): {stack.start_s:.1f} s; service RSS after the run: "
           f"{service_rss:.0f} MB")
 

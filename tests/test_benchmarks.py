@@ -21,13 +21,14 @@ def run(script: str, *args: str, timeout: float = 300) -> str:
     return done.stdout
 
 
-def test_bench_engines_prints_all_three_sides() -> None:
+def test_bench_engines_prints_every_side() -> None:
     out = run("bench_engines.py", "--concurrency", "1", "--tokens", "8", "--rounds", "1")
-    for title in ("llama.cpp's own server", "genrpc llama.cpp engine", "whole genrpc stack"):
+    for title in ("llama.cpp's own server in process", "genrpc llama.cpp engine", "whole genrpc stack:",
+                  "llama.cpp's own HTTP server", "whole genrpc stack against llama-server"):
         assert title in out
-    # one row per side for 1 stream: streams, TTFT, decode, aggregate (and ratios for genrpc's two sides)
+    # one row per table for 1 stream: streams, TTFT, decode, aggregate (and ratios after the first table)
     rows = re.findall(r"^\s+1\s+[\d.]+\s+[\d.]+\s+[\d.]+", out, re.M)
-    assert len(rows) == 3, out
+    assert len(rows) == 5, out
     assert re.search(r"service RSS after the run: \d+ MB", out)
 
 
