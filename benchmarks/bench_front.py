@@ -12,7 +12,10 @@ process per cell. Per path and concurrency it reports:
 
 Paths: `grpc` (Chat RPC straight to the service), `grpc-envoy` (Chat RPC through Envoy), `sse` (OpenAI
 `stream: true` through Envoy → bridge), `unary` (OpenAI `stream: false` through Envoy's transcoder; its
-"lag" is the wait for the whole response, and TTFT is the full response time).
+"lag" is the wait for the whole response, and TTFT is the full response time), and `grpc-floor`: the same Chat
+client against a bare grpc.aio server that only relays the same chunks on the same schedule (no validation,
+templating, choices, metrics or interceptor), whose CPU per token (in the service column) is grpc.aio's own floor
+on this machine: what no Python gRPC service can go below.
 Pacing: `paced` = the engine emits `--rate` tok/s to every stream (one step for all streams, like a GPU decode
 step); `unpaced` = one step per event-loop turn, as fast as the service takes them.
 
@@ -36,7 +39,7 @@ from _stats import percentile
 from genrpc import processes
 from genrpc.settings import PORT_SETTINGS, Settings
 
-PATHS = ("grpc", "grpc-envoy", "sse", "unary")
+PATHS = ("grpc", "grpc-envoy", "sse", "unary", "grpc-floor")
 PROCESS_NAMES = ("service", "bridge", "envoy")
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 # Tokens per request (requests run back to back in every stream). Unary paced requests are short so that
@@ -142,7 +145,7 @@ async def run_client(args: argparse.Namespace) -> dict:
             errors.append(f"{type(error).__name__}: {error}"[:300])
 
     channels, client = [], None
-    if args.path in ("grpc", "grpc-envoy"):
+    if args.path in ("grpc", "grpc-envoy", "grpc-floor"):
         # Each channel its own TCP connection (SO_REUSEPORT spreads connections, not streams, over workers).
         channels = [grpc.aio.insecure_channel(args.target, options=[("grpc.use_local_subchannel_pool", 1)])
                     for _ in range(args.channels)]
@@ -174,6 +177,70 @@ async def run_client(args: argparse.Namespace) -> dict:
             "cpu_s": {name: cpu_end[name] - cpu_start[name] for name in all_pids},
             "lag_p50_ms": percentile(lags_ms, 0.5), "lag_p99_ms": percentile(lags_ms, 0.99),
             "ttft_p50_ms": percentile(ttfts_ms, 0.5), "errors": errors[:3], "error_count": len(errors)}
+
+
+# ---- grpc.aio's floor: a bare server relaying chunks (its own process) ------------------------------------
+
+async def run_floor_server(port: int, rate: float) -> None:
+    """GenerationService.Chat only, on a generic handler: one step emits a timestamp chunk to every open stream
+    (paced at `rate` per second, or each event-loop turn), each stream relays it through a queue as the
+    service's choices do, and ends after max_completion_tokens with finish_reason "length"."""
+    import grpc
+    from grpc_health.v1 import health, health_pb2_grpc
+
+    from genrpc.service.engines.synthetic import emission_text
+    from genrpc.v1 import chat_pb2
+
+    queues: set[asyncio.Queue] = set()
+    wake = asyncio.Event()
+
+    async def steps() -> None:
+        interval = 1.0 / rate if rate > 0 else 0.0
+        next_step = time.monotonic()
+        while True:
+            if not queues:
+                wake.clear()
+                await wake.wait()
+                next_step = time.monotonic()
+            text = emission_text(time.time_ns())
+            for queue in queues:
+                queue.put_nowait(text)
+            next_step += interval
+            await asyncio.sleep(max(0.0, next_step - time.monotonic()) if interval else 0)
+
+    async def chat(request: chat_pb2.ChatCompletionRequest, context):
+        base = dict(id="chatcmpl-" + "0" * 32, object="chat.completion.chunk", created=int(time.time()),
+                    model=request.model, system_fingerprint="fp_floor")
+        null = {"null_value": 0}
+        yield chat_pb2.ChatCompletionChunk(**base, choices=[chat_pb2.ChatCompletionChunkChoice(
+            index=0, delta=chat_pb2.ChatCompletionDelta(role="assistant", content=""), logprobs=null,
+            finish_reason=null)])
+        queue: asyncio.Queue = asyncio.Queue()
+        queues.add(queue)
+        wake.set()
+        try:
+            for i in range(request.max_completion_tokens):
+                text = await queue.get()
+                last = i == request.max_completion_tokens - 1
+                yield chat_pb2.ChatCompletionChunk(**base, choices=[chat_pb2.ChatCompletionChunkChoice(
+                    index=0, delta=chat_pb2.ChatCompletionDelta(content=text), logprobs=null,
+                    finish_reason={"string_value": "length"} if last else null)])
+        finally:
+            queues.discard(queue)
+
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("genrpc.v1.GenerationService", {
+        "Chat": grpc.unary_stream_rpc_method_handler(
+            chat, request_deserializer=chat_pb2.ChatCompletionRequest.FromString,
+            response_serializer=chat_pb2.ChatCompletionChunk.SerializeToString)}),))
+    health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    step_task = asyncio.create_task(steps())
+    try:
+        await server.wait_for_termination()
+    finally:
+        step_task.cancel()
 
 
 # ---- the orchestrator --------------------------------------------------------------------------------------
@@ -209,15 +276,23 @@ class Front:
             self.children.append(envoy)
             processes.wait_until(processes.http_ok(f"http://127.0.0.1:{ports['envoy_admin_port']}/ready"), envoy,
                                  60, "ready")
+            self.floor_port = processes.free_port()
+            floor = processes.spawn("grpc floor", [sys.executable, __file__, "--floor-server", "--port",
+                                                   str(self.floor_port), "--rate", str(rate)],
+                                    log_path=workdir / f"floor-{rate}.log")
+            self.children.append(floor)
+            processes.wait_until(processes.grpc_serving(f"127.0.0.1:{self.floor_port}"), floor, 60, "SERVING")
         except BaseException:
             self.stop()
             raise
         self.service_pids = [service.pid, *worker_pids(service.pid)]
         self.pids = {"service": service.pid, "bridge": bridge.pid, "envoy": envoy.pid}
+        self.floor_pid = floor.pid
 
     def targets(self) -> dict[str, str]:
         host = self.settings.host
         return {"grpc": f"{host}:{self.settings.grpc_port}", "grpc-envoy": f"{host}:{self.settings.envoy_port}",
+                "grpc-floor": f"127.0.0.1:{self.floor_port}",
                 "sse": f"http://{host}:{self.settings.envoy_port}", "unary": f"http://{host}:{self.settings.envoy_port}"}
 
     def stop(self) -> None:
@@ -235,7 +310,9 @@ def run_cell(front: Front, path: str, concurrency: int, tokens: int, duration: f
              stream_interval: int | None, channels: int = 1) -> dict:
     pids = dict(front.pids)
     pids.pop("service")
-    pids.update({f"service{i}": pid for i, pid in enumerate(front.service_pids)})
+    # grpc-floor: the bare server takes the service's place (and column)
+    service_pids = [front.floor_pid] if path == "grpc-floor" else front.service_pids
+    pids.update({f"service{i}": pid for i, pid in enumerate(service_pids)})
     argv = [sys.executable, __file__, "--client", "--path", path, "--concurrency", str(concurrency),
             "--tokens", str(tokens), "--duration", str(duration), "--target", front.targets()[path],
             "--model", front.settings.model_id, "--channels", str(min(channels, concurrency)), "--pids", ",".join(f"{k}={v}" for k, v in pids.items())]
@@ -256,7 +333,7 @@ def format_row(path: str, pacing: str, concurrency: int, offered: float | None, 
     rate = tokens / r["elapsed_s"]
     per_token = {name: (r["cpu_s"][name] * 1e6 / tokens if tokens else float("nan")) for name in r["cpu_s"]}
     used = {"grpc": ("service",), "grpc-envoy": ("service", "envoy"), "sse": ("service", "bridge", "envoy"),
-            "unary": ("service", "envoy")}[path]
+            "unary": ("service", "envoy"), "grpc-floor": ("service",)}[path]
     front = sum(per_token[name] for name in used)
 
     def us(name: str) -> str:
@@ -304,7 +381,12 @@ def main() -> None:
     parser.add_argument("--target", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--pids", help=argparse.SUPPRESS)
+    parser.add_argument("--floor-server", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.floor_server:
+        asyncio.run(run_floor_server(args.port, args.rate))
+        return
     if args.client:
         args.concurrency = int(args.concurrency)
         print(json.dumps(asyncio.run(run_client(args))))

@@ -34,7 +34,7 @@ def test_bench_engines_prints_every_side() -> None:
 
 def test_bench_front_prints_a_row_per_path() -> None:
     out = run("bench_front.py", "--duration", "0.5", "--concurrency", "2", "--pacing", "paced")
-    for path in ("grpc ", "grpc-envoy", "sse ", "unary"):
+    for path in ("grpc ", "grpc-envoy", "sse ", "unary", "grpc-floor"):
         assert re.search(rf"^{path}\s*paced\s+2\s+\d+", out, re.M), out
 
 
