@@ -14,8 +14,8 @@ Paths: `grpc` (Chat RPC straight to the service), `grpc-envoy` (Chat RPC through
 `stream: true` through Envoy → bridge), `unary` (OpenAI `stream: false` through Envoy's transcoder; its
 "lag" is the wait for the whole response, and TTFT is the full response time), and `grpc-floor`: the same Chat
 client against a bare grpc.aio server that only relays the same chunks on the same schedule (no validation,
-templating, choices, metrics or interceptor), whose CPU per token (in the service column) is grpc.aio's own floor
-on this machine: what no Python gRPC service can go below.
+templating, choices, metrics or interceptor), whose CPU per token (in the service column) is what grpc.aio itself
+costs on this machine to stream one message per token: the floor under any Python gRPC service doing the same.
 Pacing: `paced` = the engine emits `--rate` tok/s to every stream (one step for all streams, like a GPU decode
 step); `unpaced` = one step per event-loop turn, as fast as the service takes them.
 
