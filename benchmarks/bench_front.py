@@ -13,7 +13,7 @@ process per cell. Per path and concurrency it reports:
 Paths: `grpc` (Chat RPC straight to the service), `grpc-envoy` (Chat RPC through Envoy), `sse` (OpenAI
 `stream: true` through Envoy → bridge), `unary` (OpenAI `stream: false` through Envoy's transcoder; its
 "lag" is the wait for the whole response, and TTFT is the full response time), and `grpc-floor`: the same Chat
-client against a bare grpc.aio server that only relays the same chunks on the same schedule (no validation,
+client against a bare grpc.aio server that only relays the synthetic engine's tokens as chunks (no validation,
 templating, choices, metrics or interceptor), whose CPU per token (in the service column) is what grpc.aio itself
 costs on this machine to stream one message per token: the floor under any Python gRPC service doing the same.
 Pacing: `paced` = the engine emits `--rate` tok/s to every stream (one step for all streams, like a GPU decode
@@ -34,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 
 from _stats import percentile
 from genrpc import processes
@@ -182,31 +183,17 @@ async def run_client(args: argparse.Namespace) -> dict:
 # ---- grpc.aio's floor: a bare server relaying chunks (its own process) ------------------------------------
 
 async def run_floor_server(port: int, rate: float) -> None:
-    """GenerationService.Chat only, on a generic handler: one step emits a timestamp chunk to every open stream
-    (paced at `rate` per second, or each event-loop turn), each stream relays it through a queue as the
-    service's choices do, and ends after max_completion_tokens with finish_reason "length"."""
+    """GenerationService.Chat only, on a generic handler, relaying the synthetic engine's tokens (the service's own
+    token source, same schedule) one chunk per token, the last with finish_reason "length"."""
     import grpc
     from grpc_health.v1 import health, health_pb2_grpc
 
-    from genrpc.service.engines.synthetic import emission_text
+    from genrpc.service.engines.base import GenerationRequest, SamplingParams
+    from genrpc.service.engines.synthetic import SyntheticEngine, SyntheticEngineConfig
     from genrpc.v1 import chat_pb2
 
-    queues: set[asyncio.Queue] = set()
-    wake = asyncio.Event()
-
-    async def steps() -> None:
-        interval = 1.0 / rate if rate > 0 else 0.0
-        next_step = time.monotonic()
-        while True:
-            if not queues:
-                wake.clear()
-                await wake.wait()
-                next_step = time.monotonic()
-            text = emission_text(time.time_ns())
-            for queue in queues:
-                queue.put_nowait(text)
-            next_step += interval
-            await asyncio.sleep(max(0.0, next_step - time.monotonic()) if interval else 0)
+    engine = SyntheticEngine(SyntheticEngineConfig("floor", tokens_per_s=rate, max_queue=1 << 20))
+    await engine.start()
 
     async def chat(request: chat_pb2.ChatCompletionRequest, context):
         base = dict(id="chatcmpl-" + "0" * 32, object="chat.completion.chunk", created=int(time.time()),
@@ -215,18 +202,12 @@ async def run_floor_server(port: int, rate: float) -> None:
         yield chat_pb2.ChatCompletionChunk(**base, choices=[chat_pb2.ChatCompletionChunkChoice(
             index=0, delta=chat_pb2.ChatCompletionDelta(role="assistant", content=""), logprobs=null,
             finish_reason=null)])
-        queue: asyncio.Queue = asyncio.Queue()
-        queues.add(queue)
-        wake.set()
-        try:
-            for i in range(request.max_completion_tokens):
-                text = await queue.get()
-                last = i == request.max_completion_tokens - 1
-                yield chat_pb2.ChatCompletionChunk(**base, choices=[chat_pb2.ChatCompletionChunkChoice(
-                    index=0, delta=chat_pb2.ChatCompletionDelta(content=text), logprobs=null,
-                    finish_reason={"string_value": "length"} if last else null)])
-        finally:
-            queues.discard(queue)
+        generation = GenerationRequest(uuid.uuid4().hex, [0],
+                                       SamplingParams(max_tokens=request.max_completion_tokens))
+        async for delta in engine.generate(generation):
+            yield chat_pb2.ChatCompletionChunk(**base, choices=[chat_pb2.ChatCompletionChunkChoice(
+                index=0, delta=chat_pb2.ChatCompletionDelta(content=delta.text), logprobs=null,
+                finish_reason={"string_value": "length"} if delta.finish_reason else null)])
 
     server = grpc.aio.server()
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("genrpc.v1.GenerationService", {
@@ -236,11 +217,10 @@ async def run_floor_server(port: int, rate: float) -> None:
     health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
     server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
-    step_task = asyncio.create_task(steps())
     try:
         await server.wait_for_termination()
     finally:
-        step_task.cancel()
+        await engine.shutdown()
 
 
 # ---- the orchestrator --------------------------------------------------------------------------------------
