@@ -20,7 +20,7 @@ MODEL_LOAD_TIMEOUT_S = 900  # first run converts the bundled GGUF; a slow disk c
 # The bridge's gRPC client (its calls to the service) on grpc's iomgr TCP client instead of the EventEngine one:
 # each streamed message then wakes only grpc.aio's poller thread, which reads the socket itself, where the
 # EventEngine client handed every read across its thread pool (up to four thread wake-ups per message, each
-# costing tens of microseconds on a VM). Measured: the bridge's CPU per SSE token -20% at 16-128 paced streams
+# costing tens of microseconds on a VM). Measured: the bridge's CPU per SSE token -14% to -53% at 1-256 paced streams
 # (README, "Front path"). grpc reads GRPC_EXPERIMENTS once, when it is imported, so main() sets it before anything
 # imports grpc (its workers inherit it); a GRPC_EXPERIMENTS already in the environment wins.
 BRIDGE_GRPC_EXPERIMENTS = "-event_engine_client"
