@@ -11,7 +11,9 @@ process per cell. Per path and concurrency it reports:
   * TTFT p50 (request sent → first content received).
 
 Paths: `grpc` (Chat RPC straight to the service), `grpc-envoy` (Chat RPC through Envoy), `sse` (OpenAI
-`stream: true` through Envoy → bridge), `unary` (OpenAI `stream: false` through Envoy's transcoder; its
+`stream: true` through Envoy to the bridge inside the service process: `genrpc up`'s default, `--serve-bridge`),
+`sse-bridge` (the same through Envoy to a bridge process of its own calling the service over gRPC:
+`--bridge-process`; the summary gives its CPU per token over `sse`'s, cell by cell), `unary` (OpenAI `stream: false` through Envoy's transcoder; its
 "lag" is the wait for the whole response, and TTFT is the full response time), and `grpc-floor`: the same Chat
 client against a bare grpc.aio server that only relays the synthetic engine's tokens as chunks (no validation,
 templating, choices, metrics or interceptor), whose CPU per token (in the service column) is what grpc.aio itself
@@ -40,7 +42,7 @@ from _stats import percentile
 from genrpc import processes
 from genrpc.settings import PORT_SETTINGS, Settings
 
-PATHS = ("grpc", "grpc-envoy", "sse", "unary", "grpc-floor")
+PATHS = ("grpc", "grpc-envoy", "sse", "sse-bridge", "unary", "grpc-floor")
 PROCESS_NAMES = ("service", "bridge", "envoy")
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 # Tokens per request (requests run back to back in every stream). Unary paced requests are short so that
@@ -156,7 +158,7 @@ async def run_client(args: argparse.Namespace) -> dict:
         client = httpx.AsyncClient(base_url=args.target, timeout=60,
                                    limits=httpx.Limits(max_connections=args.concurrency + 8,
                                                        max_keepalive_connections=args.concurrency + 8))
-        worker = sse_worker if args.path == "sse" else unary_worker
+        worker = sse_worker if args.path.startswith("sse") else unary_worker
         workers = [guarded(worker, client) for _ in range(args.concurrency)]
     tasks = [loop.create_task(w) for w in workers]
     await asyncio.sleep(WARMUP_S)
@@ -226,7 +228,9 @@ async def run_floor_server(port: int, rate: float) -> None:
 # ---- the orchestrator --------------------------------------------------------------------------------------
 
 class Front:
-    """Service (synthetic engine), bridge and Envoy on free loopback ports; `stop()` stops all three."""
+    """Service (synthetic engine, serving the bridge's app too), a bridge process, an Envoy routing streams to the
+    service's bridge and a second Envoy routing them to the bridge process, and the grpc floor server, on free
+    loopback ports; `stop()` stops them all."""
 
     def __init__(self, rate: float, workdir: pathlib.Path, service_workers: int = 1):
         from genrpc.cli import envoy_yaml, settings_env
@@ -237,25 +241,34 @@ class Front:
         self.settings = Settings(engine="synthetic", synthetic_tokens_per_s=rate, max_queue=8192,
                                  shutdown_grace_s=1, log_level="warning", **ports)
         env = settings_env(self.settings)
+        # the layout `genrpc --bridge-process` runs: a bridge process on ports of its own, behind its own Envoy
+        self.process_settings = self.settings.model_copy(update={
+            name: processes.free_port() for name in ("bridge_port", "envoy_port", "envoy_admin_port",
+                                                     "envoy_stats_port")} | {"bridge_metrics_port": -1})
         cli = [sys.executable, "-m", "genrpc.cli"]
         self.children: list[processes.Child] = []
         try:
             extra = ["--service-workers", str(service_workers)] if service_workers > 1 else []
-            service = processes.spawn("service", [*cli, "serve", *extra], env=env,
+            service = processes.spawn("service", [*cli, "serve", "--serve-bridge", "true", *extra], env=env,
                                       log_path=workdir / f"service-{rate}.log")
             self.children.append(service)
             processes.wait_until(processes.grpc_serving(self.settings.grpc_address()), service, 60, "SERVING")
-            bridge = processes.spawn("bridge", [*cli, "bridge"], env=env, log_path=workdir / f"bridge-{rate}.log")
+            bridge = processes.spawn("bridge", [*cli, "bridge"], env=settings_env(self.process_settings),
+                                     log_path=workdir / f"bridge-{rate}.log")
             self.children.append(bridge)
-            processes.wait_until(processes.http_ok(f"http://127.0.0.1:{ports['bridge_port']}/health"), bridge, 60,
-                                 "ready")
-            config = workdir / "envoy.yaml"
-            config.write_text(envoy_yaml(self.settings))
-            envoy = processes.spawn("envoy", envoy_command(str(config), base_id=os.getpid() % 10000 + 7000),
-                                    log_path=workdir / f"envoy-{rate}.log")
-            self.children.append(envoy)
-            processes.wait_until(processes.http_ok(f"http://127.0.0.1:{ports['envoy_admin_port']}/ready"), envoy,
-                                 60, "ready")
+            processes.wait_until(processes.http_ok(f"http://127.0.0.1:{self.process_settings.bridge_port}/health"),
+                                 bridge, 60, "ready")
+            envoys = []
+            for i, settings in enumerate((self.settings, self.process_settings)):
+                config = workdir / f"envoy-{i}.yaml"
+                config.write_text(envoy_yaml(settings))
+                envoy = processes.spawn(f"envoy {i}", envoy_command(str(config),
+                                                                    base_id=os.getpid() % 10000 + 7000 + i),
+                                        log_path=workdir / f"envoy-{i}-{rate}.log")
+                self.children.append(envoy)
+                processes.wait_until(processes.http_ok(f"http://127.0.0.1:{settings.envoy_admin_port}/ready"),
+                                     envoy, 60, "ready")
+                envoys.append(envoy)
             self.floor_port = processes.free_port()
             floor = processes.spawn("grpc floor", [sys.executable, __file__, "--floor-server", "--port",
                                                    str(self.floor_port), "--rate", str(rate)],
@@ -266,14 +279,17 @@ class Front:
             self.stop()
             raise
         self.service_pids = [service.pid, *worker_pids(service.pid)]
-        self.pids = {"service": service.pid, "bridge": bridge.pid, "envoy": envoy.pid}
+        self.pids = {"service": service.pid, "bridge": bridge.pid, "envoy": envoys[0].pid}
+        self.process_envoy_pid = envoys[1].pid
         self.floor_pid = floor.pid
 
     def targets(self) -> dict[str, str]:
         host = self.settings.host
         return {"grpc": f"{host}:{self.settings.grpc_port}", "grpc-envoy": f"{host}:{self.settings.envoy_port}",
                 "grpc-floor": f"127.0.0.1:{self.floor_port}",
-                "sse": f"http://{host}:{self.settings.envoy_port}", "unary": f"http://{host}:{self.settings.envoy_port}"}
+                "sse": f"http://{host}:{self.settings.envoy_port}",
+                "sse-bridge": f"http://{host}:{self.process_settings.envoy_port}",
+                "unary": f"http://{host}:{self.settings.envoy_port}"}
 
     def stop(self) -> None:
         for child in reversed(self.children):
@@ -290,6 +306,8 @@ def run_cell(front: Front, path: str, concurrency: int, tokens: int, duration: f
              stream_interval: int | None, channels: int = 1) -> dict:
     pids = dict(front.pids)
     pids.pop("service")
+    if path == "sse-bridge":
+        pids["envoy"] = front.process_envoy_pid
     # grpc-floor: the bare server takes the service's place (and column)
     service_pids = [front.floor_pid] if path == "grpc-floor" else front.service_pids
     pids.update({f"service{i}": pid for i, pid in enumerate(service_pids)})
@@ -308,20 +326,34 @@ def run_cell(front: Front, path: str, concurrency: int, tokens: int, duration: f
     return result
 
 
+USED = {"grpc": ("service",), "grpc-envoy": ("service", "envoy"), "sse": ("service", "envoy"),
+        "sse-bridge": ("service", "bridge", "envoy"), "unary": ("service", "envoy"), "grpc-floor": ("service",)}
+
+
+def per_token_us(r: dict) -> dict[str, float]:
+    tokens = r["tokens"]
+    return {name: (r["cpu_s"][name] * 1e6 / tokens if tokens else float("nan")) for name in r["cpu_s"]}
+
+
+def front_us(path: str, r: dict) -> float:
+    """CPU µs per delivered token of the processes on `path`."""
+    per_token = per_token_us(r)
+    return sum(per_token[name] for name in USED[path])
+
+
 def format_row(path: str, pacing: str, concurrency: int, offered: float | None, r: dict) -> str:
     tokens = r["tokens"]
     rate = tokens / r["elapsed_s"]
-    per_token = {name: (r["cpu_s"][name] * 1e6 / tokens if tokens else float("nan")) for name in r["cpu_s"]}
-    used = {"grpc": ("service",), "grpc-envoy": ("service", "envoy"), "sse": ("service", "bridge", "envoy"),
-            "unary": ("service", "envoy"), "grpc-floor": ("service",)}[path]
-    front = sum(per_token[name] for name in used)
+    per_token = per_token_us(r)
+    used = USED[path]
+    front = front_us(path, r)
 
     def us(name: str) -> str:
         return f"{per_token[name]:7.0f}" if name in used else "      -"
 
     notes = []
-    if pacing == "paced" and concurrency in (64, 256) and path in ("sse", "grpc-envoy"):
-        limit = TARGET_SSE_US if path == "sse" else TARGET_GRPC_US
+    if pacing == "paced" and concurrency in (64, 256) and path in ("sse", "sse-bridge", "grpc-envoy"):
+        limit = TARGET_SSE_US if path.startswith("sse") else TARGET_GRPC_US
         notes.append(f"front<={limit}: {'ok' if front <= limit else 'MISS'}")
     if pacing == "paced" and path != "unary":
         notes.append(f"p99<={TARGET_LAG_P99_MS}ms: {'ok' if r['lag_p99_ms'] <= TARGET_LAG_P99_MS else 'MISS'}")
@@ -388,26 +420,35 @@ def main() -> None:
              "", HEADER]
     print("\n".join(lines), flush=True)
     workdir = pathlib.Path(tempfile.mkdtemp(prefix="genrpc-bench-front-"))
+    fronts: dict[tuple[str, int, str], float] = {}
     for pacing in args.pacing.split(","):
         rate = args.rate if pacing == "paced" else 0.0
         tokens = PACED_TOKENS if pacing == "paced" else UNPACED_TOKENS
         front = Front(rate, workdir, args.service_workers)
         try:
             cells = [(path, c) for path in paths for c in concurrencies]
-            if pacing == "paced" and "sse" in paths and 128 not in concurrencies:
-                cells.append(("sse", 128))  # the issue's "128 x 50 tok/s over SSE delivered in full"
+            if pacing == "paced" and 128 not in concurrencies:  # the issue's "128 x 50 tok/s over SSE in full"
+                cells += [(path, 128) for path in ("sse", "sse-bridge") if path in paths]
             for path, concurrency in cells:
                 cell_tokens = UNARY_PACED_TOKENS if (path, pacing) == ("unary", "paced") else tokens
                 result = run_cell(front, path, concurrency, cell_tokens, args.duration, args.stream_interval,
                                   args.client_channels)
                 offered = concurrency * rate if pacing == "paced" else None
                 line = format_row(path, pacing, concurrency, offered, result)
+                fronts[(pacing, concurrency, path)] = front_us(path, result)
                 lines.append(line)
                 print(line, flush=True)
                 for child in front.children:
                     child.ensure_alive()
         finally:
             front.stop()
+    pairs = [(pacing, c) for (pacing, c, path) in fronts if path == "sse" and (pacing, c, "sse-bridge") in fronts]
+    if pairs:
+        lines.append("\nSSE front CPU per token, the bridge as a process of its own / inside the service (same run):")
+        for pacing, c in pairs:
+            own, inside = fronts[(pacing, c, "sse-bridge")], fronts[(pacing, c, "sse")]
+            lines.append(f"  {pacing:7} {c:4} streams: {own:6.0f} / {inside:6.0f} µs = {own / inside:4.2f}x")
+        print("\n".join(lines[-len(pairs) - 1:]))
     lines.append(f"\nload average at end {os.getloadavg()[0]:.2f}; logs in {workdir}")
     print(lines[-1])
     if args.output:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
@@ -100,15 +100,17 @@ async def _server_error(request: Request, exc: Exception) -> Response:
     return openai_api.error_response(http_error(500, "The bridge failed to process the request."))
 
 
-def create_app(settings: Settings) -> Starlette:
-    """The bridge ASGI app, calling the service at `settings.grpc_address()`."""
+def create_app(settings: Settings, *, upstream: Callable[[], Any] | None = None) -> Starlette:
+    """The bridge ASGI app, calling the service at `settings.grpc_address()`, or the upstream `upstream()` makes
+    (Upstream's interface: `stub`, `readiness`, `close()`; the service's own in process: bridge/in_service.py)."""
     target = settings.grpc_address()
     metrics = BridgeMetrics((*openai_api.ENDPOINTS, dashscope.TEXT_GENERATION_PATH))
     tracing = configure_tracing("genrpc-bridge")  # OTEL_* variables; off by default
+    make_upstream = upstream or (lambda: Upstream(target))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        app.state.upstream = Upstream(target)  # in the running loop, as grpc.aio needs
+        app.state.upstream = make_upstream()  # in the running loop, as grpc.aio needs
         app.state.upstream.readiness.start()
         try:
             yield

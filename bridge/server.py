@@ -4,27 +4,40 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
+from collections.abc import Iterator
 
 import uvicorn
 from prometheus_client import start_http_server
+from starlette.applications import Starlette
 
 from genrpc.bridge.app import create_app
 from genrpc.settings import Settings
 
 
-def make_server(settings: Settings) -> uvicorn.Server:
-    """A uvicorn.Server for the bridge on settings.host:settings.bridge_port (call `.serve()`; set
-    `.should_exit = True` to stop it)."""
+class EmbeddedServer(uvicorn.Server):
+    """uvicorn in a process that handles its own signals (the service, which stops the bridge as it drains):
+    uvicorn's own handlers would replace the service's and stop only the bridge."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def make_server(settings: Settings, app: Starlette | None = None, *, embedded: bool = False) -> uvicorn.Server:
+    """A uvicorn.Server for the bridge (`app`, default a bridge calling the service over gRPC) on
+    settings.host:settings.bridge_port (call `.serve()`; set `.should_exit = True` to stop it). `embedded`: in a
+    process whose signals are someone else's (EmbeddedServer)."""
     config = uvicorn.Config(
-        create_app(settings), host=settings.host, port=settings.bridge_port,
+        app or create_app(settings), host=settings.host, port=settings.bridge_port,
         log_level=(settings.log_level or "info").lower(),
         access_log=False, lifespan="on", timeout_keep_alive=75,
         http="httptools",  # the C parser (a pinned dependency): h11's pure-Python send path costs more per frame
         # on SIGTERM, running SSE streams get this long to finish before they are cut (0: cut at once)
         timeout_graceful_shutdown=settings.shutdown_grace_s,
     )
-    return uvicorn.Server(config)
+    return (EmbeddedServer if embedded else uvicorn.Server)(config)
 
 
 # Unsent bytes the kernel may hold per connection (TCP_NOTSENT_LOWAT, inherited by accepted sockets). The rest

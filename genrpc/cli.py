@@ -51,7 +51,12 @@ def cmd_serve(settings: Settings, _: argparse.Namespace) -> int:
             logging.error("--service-workers > 1 needs a fixed --grpc-port (port 0 would give each worker its own)")
             return 2
         return _serve_workers(settings)
-    asyncio.run(serve(settings))
+    if settings.serve_bridge:
+        from genrpc.bridge.in_service import BridgeInService
+
+        asyncio.run(serve(settings, fronts=lambda server: [BridgeInService(settings, server)]))
+    else:
+        asyncio.run(serve(settings))
     return 0
 
 
@@ -59,13 +64,13 @@ def _serve_workers(settings: Settings) -> int:
     """N service workers on one port. CPU engines: one engine per worker. SGLang: one engine for the GPUs, held by
     an engine-host process started first with N tokenizer workers; the N serving workers attach to it (SGLang's
     `Engine.attach_tokenizer_worker`), as the HTTP workers of `sglang serve` do. Worker i serves metrics on
-    --metrics-port + i (when a fixed port is set)."""
+    --metrics-port + i, and with --serve-bridge the bridge's on --bridge-metrics-port + i (when fixed ports are set)."""
     from genrpc import processes
     from genrpc.supervisor import ChildSpec, Supervisor
 
     def metrics_env(i: int) -> dict[str, str]:
-        return {"GENRPC_METRICS_PORT": str(settings.metrics_port + i if settings.metrics_port > 0
-                                           else settings.metrics_port)}
+        return {name: str(port + i if port > 0 else port) for name, port in (
+            ("GENRPC_METRICS_PORT", settings.metrics_port), ("GENRPC_BRIDGE_METRICS_PORT", settings.bridge_metrics_port))}
 
     if settings.engine != "sglang":
         return _run_workers(settings, "serve", settings.service_workers, metrics_env,
@@ -157,14 +162,15 @@ def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
     config_path.write_text(config)
     cli = [sys.executable, "-m", "genrpc.cli"]
     drain_s = settings.shutdown_grace_s + 5
+    service_env = {**env, "MALLOC_ARENA_MAX": os.environ.get("MALLOC_ARENA_MAX", SERVICE_ARENAS)}
+    if not settings.bridge_process:
+        service_env["GENRPC_SERVE_BRIDGE"] = "true"  # the bridge's app inside the service (bridge/in_service.py)
     specs = [
         ChildSpec("service", lambda: [*cli, "serve"], processes.grpc_serving(settings.grpc_address()),
-                  MODEL_LOAD_TIMEOUT_S,
-                  {**env, "MALLOC_ARENA_MAX": os.environ.get("MALLOC_ARENA_MAX", SERVICE_ARENAS)},
-                  stop_timeout_s=drain_s),
-        ChildSpec("bridge", lambda: [*cli, "bridge"],
-                  processes.http_ok(f"http://{settings.host}:{settings.bridge_port}/health"), 60, env,
-                  stop_timeout_s=drain_s),
+                  MODEL_LOAD_TIMEOUT_S, service_env, stop_timeout_s=drain_s),
+        *([ChildSpec("bridge", lambda: [*cli, "bridge"],
+                     processes.http_ok(f"http://{settings.host}:{settings.bridge_port}/health"), 60, env,
+                     stop_timeout_s=drain_s)] if settings.bridge_process else []),
         ChildSpec("envoy", lambda: envoy_config.envoy_command(str(config_path), base_id=args.envoy_base_id),
                   processes.http_ok(f"http://127.0.0.1:{settings.envoy_admin_port}/ready"), 60),
     ]

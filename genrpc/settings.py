@@ -96,6 +96,11 @@ class Settings(BaseSettings):
     max_queue: int = Field(256, description="requests waiting for a batch slot before RESOURCE_EXHAUSTED")
     llamacpp_threads: int = Field(0, description="llama.cpp engine: CPU threads for decoding and prefill "
                                                  "(0 = all cores)")
+    llamacpp_nice: int = Field(5, ge=0, le=19, description="llama.cpp engine: added to the nice value of llama.cpp's "
+                                                          "compute threads (its decode loop and ggml's pool), so the "
+                                                          "request path (the service's event loop, Envoy) runs first "
+                                                          "when the CPU is short, e.g. refusing a burst (0 = same "
+                                                          "priority)")
     torch_threads: int = Field(0, description="torch intra-op threads for the reference engine (0 = all cores)")
     reference_batch_invariant: bool = Field(True, description="reference engine: bit-identical results alone or batched "
                                       "(costs ~1.6x single-stream speed)")
@@ -147,6 +152,13 @@ class Settings(BaseSettings):
                                                   "serving workers of --service-workers N)")
     sglang_engine_host: bool = Field(False, description="SGLang: only build and hold the engine for the serving "
                                                         "workers of --service-workers N (set by the supervisor)")
+    serve_bridge: bool = Field(False, description="genrpc serve: also serve the SSE bridge's app (OpenAI REST and "
+                                                  "SSE, DashScope, the playground) on --bridge-port in this process, "
+                                                  "calling the servicer directly: no gRPC hop and no second process "
+                                                  "per streamed token (its metrics stay on --bridge-metrics-port)")
+    bridge_process: bool = Field(False, description="genrpc up: run the SSE bridge as a process of its own (genrpc "
+                                                    "bridge, --bridge-workers) calling the service over gRPC, instead "
+                                                    "of inside the service (--serve-bridge, the default)")
     bridge_workers: int = Field(1, ge=1, description="SSE bridge processes sharing --bridge-port (SO_REUSEPORT); "
                                                      "the kernel spreads Envoy's connections over them")
 

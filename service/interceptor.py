@@ -89,17 +89,19 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         method = full_method.rsplit("/", 1)[-1]
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
-                self._unary(method, handler.unary_unary),
+                self.wrap_unary(method, handler.unary_unary),
                 request_deserializer=_tolerant(handler.request_deserializer),
                 response_serializer=handler.response_serializer)
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
-                self._stream(method, handler.unary_stream),
+                self.wrap_stream(method, handler.unary_stream),
                 request_deserializer=_tolerant(handler.request_deserializer),
                 response_serializer=handler.response_serializer)
         raise TypeError(f"{full_method}: client-streaming RPCs are not wrapped by ServiceInterceptor")
 
-    def _unary(self, method: str, behaviour: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]):
+    def wrap_unary(self, method: str, behaviour: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]):
+        """`behaviour` (a unary servicer method) with everything above; also for in-process callers
+        (genrpc.bridge.in_service), whose context stands in for grpc.aio's."""
         async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
             with self._observed(method, context) as outcome:
                 try:
@@ -110,7 +112,8 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                     await self._fail(method, context, exc, outcome)
         return handle
 
-    def _stream(self, method: str, behaviour: Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]]):
+    def wrap_stream(self, method: str, behaviour: Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]]):
+        """`behaviour` (a server-streaming servicer method) with everything above (see wrap_unary)."""
         async def handle(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             with self._observed(method, context) as outcome:
                 try:

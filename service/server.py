@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from collections.abc import Callable
+from typing import Literal, Protocol
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -40,6 +42,16 @@ def client_tpm(settings: Settings) -> dict[str, int]:
             if limits.tpm}
 
 
+class Front(Protocol):
+    """Something served beside the gRPC server, in its process and event loop (the SSE bridge's app:
+    genrpc.bridge.in_service). Started before the model loads; stopped while the gRPC server drains."""
+
+    async def start(self) -> None: ...
+
+    async def stop(self, grace_s: float) -> None:
+        """Stops taking new work at once; running work gets `grace_s` to finish."""
+
+
 class GenrpcServer:
     """The gRPC server plus what lives beside it. Health is NOT_SERVING until the engine is warmed up."""
 
@@ -61,9 +73,10 @@ class GenrpcServer:
                                            tracing=self.tracing)
         self.health = health.aio.HealthServicer()
         self.send_watchdog = SendWatchdog(settings.send_timeout_s)
+        self.interceptor = ServiceInterceptor(self.metrics, (SERVICE_NAME,), self.tracing, tokens_per_minute,
+                                              send_watchdog=self.send_watchdog)
         self.grpc_server = grpc.aio.server(
-            interceptors=[ServiceInterceptor(self.metrics, (SERVICE_NAME,), self.tracing, tokens_per_minute,
-                                             send_watchdog=self.send_watchdog)],
+            interceptors=[self.interceptor],
             options=[("grpc.max_receive_message_length", settings.max_request_bytes),
                      ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
                      # Envoy pings every 30 s (connection_keepalive). gRPC's default allows one ping per 5 min
@@ -85,6 +98,8 @@ class GenrpcServer:
         self.port = self.grpc_server.add_insecure_port(f"{settings.host}:{settings.grpc_port}")
         self.metrics_port: int | None = None
         self._metrics_http = None
+        self.fronts: list[Front] = []
+        self.state: Literal["loading", "serving", "draining"] = "loading"
 
     async def _set_health(self, status: int) -> None:
         for name in ("", SERVICE_NAME):
@@ -98,18 +113,23 @@ class GenrpcServer:
             self._metrics_http, _ = start_http_server(self.settings.metrics_port, addr=self.settings.host,
                                                       registry=self.metrics.registry)
             self.metrics_port = self._metrics_http.server_port
+        for front in self.fronts:
+            await front.start()
         log.info("gRPC listening on %s:%d (metrics on :%s); loading the model", self.settings.host, self.port,
                  self.metrics_port)
         await self.engine.start()
         self.metrics.bind_model(self.engine.model_info.model_id)
         self.servicer.mark_ready()
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        self.state = "serving"
         log.info("model %s ready: SERVING", self.engine.model_info.model_id)
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Drains: NOT_SERVING for good (load balancers stop sending), running streams get `grace_s` to end."""
+        self.state = "draining"
         await self.health.enter_graceful_shutdown()
-        await self.grpc_server.stop(self.settings.shutdown_grace_s if grace_s is None else grace_s)
+        grace_s = self.settings.shutdown_grace_s if grace_s is None else grace_s
+        await asyncio.gather(self.grpc_server.stop(grace_s), *(front.stop(grace_s) for front in self.fronts))
         await self.send_watchdog.close()
         await self.engine.shutdown()
         self.response_store.close()
@@ -125,9 +145,10 @@ def create_server(settings: Settings, engine: Engine | None = None) -> tuple[Gen
     return server, server.port
 
 
-async def serve(settings: Settings) -> None:
-    """Runs until SIGINT/SIGTERM, then drains gracefully."""
+async def serve(settings: Settings, fronts: Callable[[GenrpcServer], list[Front]] = lambda server: []) -> None:
+    """Runs until SIGINT/SIGTERM, then drains gracefully. `fronts(server)`: what to serve beside it."""
     server, _ = create_server(settings)
+    server.fronts.extend(fronts(server))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -243,6 +243,7 @@ class GenerationServicer(ResponsesMixin, generation_service_pb2_grpc.GenerationS
         finish of the request. Fills in the RPC's RequestRecord (tokens, TTFT, queue time) and observes
         inter-token latency as outputs stream (a coalesced event's interval is shared by its tokens)."""
         record = current_request.get()
+        client = current_client.get()  # read now: an in-process caller may close the stream from another task
         if record is not None:
             record.model = prepared.model
             record.prompt_tokens = prepared.prompt_tokens
@@ -282,7 +283,7 @@ class GenerationServicer(ResponsesMixin, generation_service_pb2_grpc.GenerationS
                     yield event, unfinished == 0
         finally:  # a cancelled request is charged its prompt and the tokens it produced too
             if self._tokens_per_minute:
-                self._tokens_per_minute.charge(current_client.get(), prepared.prompt_tokens
+                self._tokens_per_minute.charge(client, prepared.prompt_tokens
                                                + sum(tokens for _, tokens in last_output.values()))
 
     def _fingerprint(self) -> str:

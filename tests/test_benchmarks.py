@@ -34,8 +34,9 @@ def test_bench_engines_prints_every_side() -> None:
 
 def test_bench_front_prints_a_row_per_path() -> None:
     out = run("bench_front.py", "--duration", "0.5", "--concurrency", "2", "--pacing", "paced")
-    for path in ("grpc ", "grpc-envoy", "sse ", "unary", "grpc-floor"):
+    for path in ("grpc ", "grpc-envoy", "sse ", "sse-bridge", "unary", "grpc-floor"):
         assert re.search(rf"^{path}\s*paced\s+2\s+\d+", out, re.M), out
+    assert re.search(r"^  paced      2 streams: +\d+ / +\d+ µs = +[\d.]+x$", out, re.M), out
 
 
 def test_bench_overload_reports_refusals() -> None:

@@ -1,6 +1,7 @@
 """Faults and drain of the whole stack (`genrpc up` on its own ports, not the shared `stack` fixture, because these
-tests kill its children): a crashed bridge or service is restarted and clients get clean errors meanwhile;
-SIGTERM drains streams through Envoy (SSE and gRPC) before the front door closes."""
+tests kill its children): a crashed service (which serves the SSE bridge too, by default) or a crashed bridge
+process (`--bridge-process`) is restarted and clients get clean errors meanwhile; SIGTERM drains streams through
+Envoy (SSE and gRPC) before the front door closes."""
 
 from __future__ import annotations
 
@@ -28,9 +29,9 @@ LONG = [{"role": "user", "content": "Write a long story about a dragon who learn
 
 
 class Up:
-    def __init__(self, tmp_path: Path, grace_s: float = 20):
+    def __init__(self, tmp_path: Path, grace_s: float = 20, **settings: object):
         self.ports = {name: free_port() for name in PORT_SETTINGS}
-        env = {f"GENRPC_{name.upper()}": str(port) for name, port in self.ports.items()}
+        env = {f"GENRPC_{name.upper()}": str(value) for name, value in {**self.ports, **settings}.items()}
         env["GENRPC_SHUTDOWN_GRACE_S"] = str(grace_s)
         self.log_path = tmp_path / "genrpc-up.log"
         self.child = processes.spawn("genrpc up", [sys.executable, "-m", "genrpc.cli", "up", "--envoy-base-id",
@@ -96,7 +97,18 @@ def stream_chunks(up: Up, started: threading.Event, outcome: dict, max_tokens: i
         started.set()
 
 
-def test_bridge_crash_is_restarted_and_clients_get_clean_errors(up):
+@pytest.fixture
+def up_with_bridge_process(tmp_path):
+    stack = Up(tmp_path, bridge_process=True)
+    try:
+        yield stack
+    finally:
+        stack.stop()
+
+
+def test_bridge_crash_is_restarted_and_clients_get_clean_errors(up_with_bridge_process):
+    up = up_with_bridge_process
+    assert up.child_pid("bridge_port") != up.child_pid("grpc_port")
     started, outcome = threading.Event(), {}
     reader = threading.Thread(target=stream_chunks, args=(up, started, outcome))
     reader.start()
@@ -129,15 +141,30 @@ def test_service_crash_unavailable_then_recovers(up):
         max_completion_tokens=400, ignore_eos=True)
     call = stub.Chat(request, timeout=60)
     next(call)
+    started, outcome = threading.Event(), {}  # an SSE stream through Envoy, served by the same process
+    reader = threading.Thread(target=stream_chunks, args=(up, started, outcome))
+    reader.start()
+    assert started.wait(120)
+    assert up.child_pid("bridge_port") == up.child_pid("grpc_port")
+    killed_at = time.monotonic()
     os.kill(up.child_pid("grpc_port"), signal.SIGKILL)
     with pytest.raises(grpc.RpcError) as caught:
         for _ in call:
             pass
     assert caught.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL), caught.value
+    reader.join(30)
+    assert not reader.is_alive(), "the SSE client hung after the service died"
+    assert outcome["end"] != "complete" and outcome["at"] - killed_at < 10, outcome
 
     with pytest.raises(openai.APIStatusError) as rest_error:
         sdk(up).chat.completions.create(model=DEFAULT_MODEL_ID, messages=LONG, max_tokens=4)
     assert rest_error.value.status_code == 503
+    # a new stream too, until the service is back (an OpenAI-shaped 503 from Envoy), or it already succeeds
+    response = httpx.post(f"{up.rest}/chat/completions", timeout=30, json={
+        "model": DEFAULT_MODEL_ID, "messages": LONG, "max_tokens": 4, "stream": True})
+    assert response.status_code in (200, 503), response.text
+    if response.status_code == 503:
+        assert response.json()["error"]["type"] == "server_error"
 
     processes.wait_until(lambda: "service is back" in up.log(), up.child, 300, "restarted (log says service is back)")
     reply = sdk(up).chat.completions.create(model=DEFAULT_MODEL_ID, messages=LONG, max_tokens=4)
@@ -163,9 +190,10 @@ def test_sigterm_drains_streams_through_envoy(tmp_path):
         stack.child.process.send_signal(signal.SIGTERM)
         # The front door stays open while the service drains: a new request is refused cleanly, not cut.
         processes.wait_until(lambda: not serving(f"127.0.0.1:{stack.ports['grpc_port']}"), None, 10, "NOT_SERVING")
-        refused = httpx.post(f"{stack.rest}/chat/completions", timeout=30, json={
-            "model": DEFAULT_MODEL_ID, "messages": LONG, "max_tokens": 4})
-        assert refused.status_code == 503 and refused.json()["error"]["message"], refused.text
+        for stream in (False, True):
+            refused = httpx.post(f"{stack.rest}/chat/completions", timeout=30, json={
+                "model": DEFAULT_MODEL_ID, "messages": LONG, "max_tokens": 4, "stream": stream})
+            assert refused.status_code == 503 and refused.json()["error"]["message"], (stream, refused.text)
         rest = list(call)
         finishes = [c.choices[0].finish_reason.string_value for c in [first, *rest] if c.choices]
         assert "length" in finishes
@@ -192,7 +220,9 @@ def test_a_killed_genrpc_up_takes_its_children_with_it(tmp_path):
     children: dict[str, int] = {}
     try:
         children.update((name, stack.child_pid(name)) for name in ("grpc_port", "bridge_port", "envoy_port"))
-        assert len(set(children.values())) == 3 and stack.child.pid not in children.values(), children
+        # two children: the service (gRPC and the SSE bridge) and Envoy
+        assert children["grpc_port"] == children["bridge_port"], children
+        assert len(set(children.values())) == 2 and stack.child.pid not in children.values(), children
         os.kill(stack.child.pid, signal.SIGKILL)
         stack.child.process.wait(10)
         processes.wait_until(lambda: all(_exited(pid) for pid in children.values()), None, 30,

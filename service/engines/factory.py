@@ -59,7 +59,7 @@ def llamacpp_config(settings: Settings) -> LlamaCppEngineConfig:
         gguf_path=pathlib.Path(settings.model).expanduser() if settings.model else bundled_gguf_path(),
         cache_dir=pathlib.Path(settings.cache_dir).expanduser(), model_id=settings.model_id,
         context_length=settings.context_length, slots=settings.max_batch_size, max_queue=settings.max_queue,
-        threads=settings.llamacpp_threads)
+        threads=settings.llamacpp_threads, nice=settings.llamacpp_nice)
 
 
 def build_engine(settings: Settings) -> Engine:

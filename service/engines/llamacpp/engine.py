@@ -63,6 +63,7 @@ class LlamaCppEngineConfig:
     slots: int = 16
     max_queue: int = 256
     threads: int = 0  # 0 = all cores
+    nice: int = 0  # added to the nice value of llama.cpp's own threads (0 = as the service's; Settings: 5)
 
 
 
@@ -324,11 +325,26 @@ class LlamaCppEngine:
         import xllamacpp
 
         context = self._config.context_length or int(metadata.get("context_length") or 4096)
-        try:
-            server = xllamacpp.Server(server_params(self._config, context))
-        except RuntimeError as exc:
-            raise RuntimeError(f"llama.cpp could not load {self._config.gguf_path}: {exc}") from exc
-        return server, context
+        params = server_params(self._config, context)
+        built: dict[str, Any] = {}
+
+        def build() -> None:
+            # A thread's nice value is inherited by the threads it starts: llama-server's loop and ggml's compute
+            # threads, started by the constructor, all get it; the service's own threads keep theirs.
+            if self._config.nice:
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(),
+                               os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) + self._config.nice)
+            try:
+                built["server"] = xllamacpp.Server(params)
+            except RuntimeError as exc:
+                built["error"] = exc
+
+        builder = threading.Thread(target=build, name="llamacpp-load")
+        builder.start()
+        builder.join()
+        if "error" in built:
+            raise RuntimeError(f"llama.cpp could not load {self._config.gguf_path}: {built['error']}") from built["error"]
+        return built["server"], context
 
     async def _warm_up(self) -> None:
         prompt = self.tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}])
