@@ -445,12 +445,12 @@ async def text_generation(request: Request) -> Response | SSEResponse:
         return Response(dumps(render_unary(plan, resp, request_id)), media_type="application/json")
     call = (stub.Chat if plan.chat else stub.Generate)(plan.request, metadata=metadata, timeout=timeout)
     try:
-        iterator, first = await first_message(call, request.receive)
+        reader, first = await first_message(call, request.receive)
     except grpc.aio.AioRpcError as e:
         return _error_response(to_dashscope(from_rpc_error(e), request_id))
     if first is DISCONNECTED:
         return Response(status_code=499)
-    return SSEResponse(call, iterator, first, StreamRenderer(plan, request_id))
+    return SSEResponse(call, reader, first, StreamRenderer(plan, request_id))
 
 
 async def unknown_api(request: Request) -> Response:

@@ -12,7 +12,8 @@ unary RPC, and for a server-streaming one a call to iterate and `cancel()`, both
 with the status, details and trailing metadata (`grpc-status-details-bin`) the interceptor set. So
 bridge/errors.py turns them into the same OpenAI errors as over gRPC.
 
-A streaming call runs the handler's async generator in the task that iterates it (no extra task per token).
+A streaming call runs the handler's async generator in the task that iterates it (no extra task per token; the
+bridge reads each call from one task, bridge.stream.CallReader, so the interceptor's context stays one).
 `cancel()` cancels that task while the generator runs, or closes the generator when it is parked between
 messages: either way the interceptor sees the stream end early (CANCELLED) and the engine frees its slot, as when
 a gRPC client cancels.

@@ -236,11 +236,11 @@ def endpoint_handler(endpoint: Endpoint) -> Callable[[Request], Awaitable[Respon
             return Response(dumps(endpoint.unary_json(resp)), media_type="application/json")
         call = getattr(stub, endpoint.stream_rpc)(req, metadata=metadata, timeout=timeout)
         try:
-            iterator, first = await first_message(call, request.receive)
+            reader, first = await first_message(call, request.receive)
         except grpc.aio.AioRpcError as e:
             return error_response(from_rpc_error(e))
         if first is DISCONNECTED:
             return Response(status_code=499)  # nobody is listening any more
-        return SSEResponse(call, iterator, first, endpoint.renderer(req))
+        return SSEResponse(call, reader, first, endpoint.renderer(req))
 
     return handle

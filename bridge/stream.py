@@ -5,9 +5,10 @@ message, and one SSE response that forwards the rest of a gRPC stream through a 
   and the request headers forwarded as gRPC metadata.
 - First message: the 200 and its headers are sent only once the first message (or the clean end of the stream)
   arrived, so an early gRPC error is still a plain HTTP error; a client that leaves meanwhile cancels the call.
-- `SSEResponse`: a reader task renders each message as it arrives; the writer sends whatever frames are ready
-  in one send (the first at once, never held back on a timer: frames merge only while a send is under way or
-  the loop is busy). A client disconnect cancels the gRPC call at once; so does a client that stops reading:
+- `CallReader`: one task reads a call from its first message to its end (an in-process call runs the servicer's
+  steps in that task, so their context stays one); `SSEResponse` renders whatever messages are ready and sends
+  them in one send (the first at once, never held back on a timer: frames merge only while a send is under way
+  or the loop is busy). A client disconnect cancels the gRPC call at once; so does a client that stops reading:
   a send blocked on flow control for longer than `--bridge-send-timeout-s` ends the stream (the engine slot is
   freed instead of being held by a stalled reader).
 """
@@ -17,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from typing import Any, Protocol
 
 import grpc
@@ -81,112 +82,150 @@ async def _wait_disconnect(receive: Receive) -> None:
         pass
 
 
-async def first_message(call: Any, receive: Receive) -> tuple[AsyncIterator[Message], Any]:
-    """(iterator over the rest, first message or None for an empty stream, or DISCONNECTED). Waits before any
-    response header is sent, so an early gRPC error is raised here as AioRpcError. A client that gives up
-    meanwhile (queued behind other requests, long prompt) cancels the call."""
-    iterator = call.__aiter__()
-    first_task = asyncio.ensure_future(iterator.__anext__())
-    disconnect_task = asyncio.ensure_future(_wait_disconnect(receive))
-    try:
-        await asyncio.wait({first_task, disconnect_task}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        disconnect_task.cancel()
-        if not first_task.done():
-            call.cancel()
-            first_task.cancel()
-        with contextlib.suppress(BaseException):
-            await disconnect_task
-    if first_task.cancelled() or not first_task.done():
-        return iterator, DISCONNECTED
-    try:
-        return iterator, first_task.result()
-    except StopAsyncIteration:
-        return iterator, None
+class CallReader:
+    """Reads one call from start to end in one task; its messages wait in `pending` for the response to take.
 
+    One task for the whole call, as grpc.aio's own handler task: an in-process call (bridge/in_service.py) runs
+    the servicer's steps in the task that iterates it, so its context variables (the interceptor's request record,
+    the RPC's span) must stay in one context from the first message to the end."""
 
-class SSEResponse:
-    """ASGI response streaming the rest of a gRPC call through `renderer`."""
-
-    def __init__(self, call: Any, iterator: AsyncIterator[Message], first: Message | None, renderer: Renderer):
-        self.call, self.iterator, self.first, self.renderer = call, iterator, first, renderer
-        self._frames: list[bytes] = []
-        self._ended = False  # the last frame is in _frames
-        self._disconnected = False
-        self._failure: BaseException | None = None
+    def __init__(self, call: Any):
+        self.call = call
+        self.pending: list[Message] = []
+        self.ended = False  # the call ended cleanly: everything it sent is in `pending` or was taken
+        self.error: grpc.aio.AioRpcError | None = None  # the call failed
+        self.failure: BaseException | None = None  # reading failed (a bug; surfaced by the response)
         self._wake: asyncio.Future[None] | None = None
+        self.task = asyncio.create_task(self._read())
+        self.task.add_done_callback(lambda _: self.poke())
 
-    def _notify(self) -> None:
+    @property
+    def done(self) -> bool:
+        """Nothing more will arrive (ended, failed, or the reading task was cancelled)."""
+        return self.task.done()
+
+    def poke(self) -> None:
+        """Wakes whoever waits in `changed()`."""
         if self._wake is not None and not self._wake.done():
             self._wake.set_result(None)
 
-    def _push(self, data: bytes, *, last: bool = False) -> None:
-        if data:
-            self._frames.append(data)
-        if last:
-            self._ended = True
-        if data or last:
-            self._notify()
+    async def changed(self) -> None:
+        """Returns once there is a message to take, the call is done, or `poke()` was called."""
+        if self.pending or self.done:
+            return
+        self._wake = asyncio.get_running_loop().create_future()
+        await self._wake
 
     async def _read(self) -> None:
-        renderer = self.renderer
         try:
-            if self.first is not None:
-                self._push(renderer.feed(self.first))
-                async for message in self.iterator:
-                    self._push(renderer.feed(message))
-            self._push(renderer.finish(), last=True)
+            async for message in self.call:
+                self.pending.append(message)
+                self.poke()
+            self.ended = True
         except grpc.aio.AioRpcError as e:
-            if not self._disconnected:
-                log.info("stream failed after start: %s %s", e.code(), e.details())
-                self._push(renderer.error(e), last=True)
-        except asyncio.CancelledError:
-            if not self._disconnected:
-                raise
+            self.error = e
         except Exception as e:  # noqa: BLE001 - surfaced by the writer (uvicorn logs it and closes the connection)
-            self._failure = e
-            self._notify()
+            self.failure = e
+
+    def cancel(self) -> None:
+        """Cancels the call (a no-op once it finished) and stops reading."""
+        self.call.cancel()
+        self.task.cancel()
+
+
+async def first_message(call: Any, receive: Receive) -> tuple[CallReader, Any]:
+    """(the call's reader, its first message, or None for an empty stream, or DISCONNECTED). Waits before any
+    response header is sent, so an early gRPC error is raised here as AioRpcError. A client that gives up
+    meanwhile (queued behind other requests, long prompt) cancels the call."""
+    reader = CallReader(call)
+    disconnect_task = asyncio.ensure_future(_wait_disconnect(receive))
+    first_task = asyncio.ensure_future(reader.changed())
+    try:
+        await asyncio.wait({first_task, disconnect_task}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (first_task, disconnect_task):
+            task.cancel()
+        with contextlib.suppress(BaseException):
+            await disconnect_task
+    if reader.pending:
+        return reader, reader.pending.pop(0)
+    if not reader.done:  # the client left first
+        reader.cancel()
+        with contextlib.suppress(BaseException):
+            await reader.task
+        return reader, DISCONNECTED
+    if reader.error is not None:
+        raise reader.error
+    if reader.failure is not None:
+        raise reader.failure
+    return reader, None
+
+
+class SSEResponse:
+    """ASGI response streaming the rest of a call (read by `reader`) through `renderer`."""
+
+    def __init__(self, call: Any, reader: CallReader, first: Message | None, renderer: Renderer):
+        self.call, self.reader, self.first, self.renderer = call, reader, first, renderer
+        self._disconnected = False
 
     async def _watch_disconnect(self, receive: Receive) -> None:
         await _wait_disconnect(receive)
         self._disconnected = True
-        self.call.cancel()
-        self._notify()
+        self.reader.cancel()
+        self.reader.poke()
+
+    def _frames(self) -> tuple[bytes, bool]:
+        """The frames ready to send, and whether they end the stream."""
+        reader, renderer = self.reader, self.renderer
+        frames = []
+        if self.first is not None:
+            frames.append(renderer.feed(self.first))
+            self.first = None
+        if reader.pending:
+            messages, reader.pending = reader.pending, []
+            frames.extend(renderer.feed(message) for message in messages)
+        last = False
+        if reader.done and not reader.pending:
+            if reader.failure is not None:
+                raise reader.failure
+            if reader.error is not None:
+                log.info("stream failed after start: %s %s", reader.error.code(), reader.error.details())
+                frames.append(renderer.error(reader.error))
+                last = True
+            elif reader.ended:
+                frames.append(renderer.finish())
+                last = True
+        return (frames[0] if len(frames) == 1 else b"".join(frames)), last
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        loop = asyncio.get_running_loop()
         app = scope.get("app")
         send_timeout_s = getattr(getattr(app, "state", None), "send_timeout_s", DEFAULT_SEND_TIMEOUT_S)
+        reader = self.reader
         watcher = asyncio.create_task(self._watch_disconnect(receive))
-        reader = asyncio.create_task(self._read())
         try:
             await send({"type": "http.response.start", "status": 200, "headers": self.renderer.headers})
             while True:
-                while not self._frames and not self._ended and not self._disconnected and self._failure is None:
-                    self._wake = loop.create_future()
-                    await self._wake
+                body, last = self._frames()
                 if self._disconnected:
                     return
-                if self._failure is not None:
-                    raise self._failure
-                frames, self._frames = self._frames, []
-                last = self._ended
-                body = frames[0] if len(frames) == 1 else b"".join(frames)
-                try:
-                    async with asyncio.timeout(send_timeout_s):  # blocks only while the client is not reading
-                        await send({"type": "http.response.body", "body": body, "more_body": not last})
-                except TimeoutError:
-                    log.info("client stopped reading for %.0f s: stream cut, call cancelled", send_timeout_s)
-                    self._disconnected = True
+                if body or last:
+                    try:
+                        async with asyncio.timeout(send_timeout_s):  # blocks only while the client is not reading
+                            await send({"type": "http.response.body", "body": body, "more_body": not last})
+                    except TimeoutError:
+                        log.info("client stopped reading for %.0f s: stream cut, call cancelled", send_timeout_s)
+                        self._disconnected = True
+                        return
+                    if last:
+                        return
+                elif reader.done:  # cancelled from outside without an end of its own
                     return
-                if last:
-                    return
+                await reader.changed()
         except OSError:  # the client went away while we were writing
             self._disconnected = True
         finally:
-            self.call.cancel()  # no-op when the call already finished
-            for task in (reader, watcher):
-                task.cancel()
-            for task in (reader, watcher):
+            reader.cancel()  # no-op for the call when it already finished
+            watcher.cancel()
+            for task in (reader.task, watcher):
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task

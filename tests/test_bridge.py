@@ -228,10 +228,14 @@ async def test_disconnect_before_first_message_cancels_grpc_call(bridge, backend
 # ---- the stream core ----------------------------------------------------------------------------------------
 
 class _Call:
-    """Stands in for a grpc.aio call in SSEResponse's hands (it only cancels it)."""
+    """Stands in for a grpc.aio call in the stream core's hands: iterated, and cancelled."""
 
-    def __init__(self) -> None:
+    def __init__(self, messages: Any) -> None:
+        self.messages = messages
         self.cancelled = False
+
+    def __aiter__(self) -> Any:
+        return self.messages.__aiter__()
 
     def cancel(self) -> bool:
         self.cancelled = True
@@ -252,7 +256,7 @@ class _Renderer:
 
 
 async def _run_sse(messages: Any, gate: asyncio.Event | None = None) -> list[dict[str, Any]]:
-    from genrpc.bridge.stream import SSEResponse
+    from genrpc.bridge.stream import SSEResponse, first_message
 
     sent: list[dict[str, Any]] = []
     disconnect = asyncio.Event()
@@ -266,9 +270,9 @@ async def _run_sse(messages: Any, gate: asyncio.Event | None = None) -> list[dic
         if gate is not None and len(sent) == 2:
             gate.set()  # the first frame went out before the next message existed
 
-    it = messages.__aiter__()
-    first = await it.__anext__()
-    await SSEResponse(_Call(), it, first, _Renderer())({"type": "http"}, receive, send)
+    call = _Call(messages)
+    reader, first = await first_message(call, receive)
+    await SSEResponse(call, reader, first, _Renderer())({"type": "http"}, receive, send)
     return sent
 
 
