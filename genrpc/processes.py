@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import pathlib
+import random
 import shutil
 import signal
 import socket
@@ -66,11 +68,35 @@ class Child:
         return self.process.returncode
 
 
+_handed_out: set[int] = set()
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(pathlib.Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port nothing listens on now (the OS's pick), for stacks started on chosen ports by tests and benchmarks."""
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    """A port nothing is bound to now, for stacks started on chosen ports by tests and benchmarks. Picked below the
+    kernel's ephemeral range: a port from that range (the OS's own pick for port 0) can be taken as the local port
+    of some outgoing connection before the child binds it (seen: Envoy's listener, "Address already in use").
+    Never the same port twice in one process."""
+    low = _ephemeral_low()
+    for _ in range(200):
+        port = random.randrange(10000, low) if low > 10000 else 0
+        if port in _handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            port = s.getsockname()[1]
+        _handed_out.add(port)
+        return port
+    raise RuntimeError("no free port found")
 
 
 def spawn(name: str, argv: list[str], *, env: dict[str, str] | None = None, log_path: str | os.PathLike | None = None,
