@@ -96,6 +96,7 @@ class CallReader:
         self.error: grpc.aio.AioRpcError | None = None  # the call failed
         self.failure: BaseException | None = None  # reading failed (a bug; surfaced by the response)
         self._wake: asyncio.Future[None] | None = None
+        self._taken: asyncio.Future[None] | None = None
         self.task = asyncio.create_task(self._read())
         self.task.add_done_callback(lambda _: self.poke())
 
@@ -116,11 +117,24 @@ class CallReader:
         self._wake = asyncio.get_running_loop().create_future()
         await self._wake
 
+    def take(self) -> list[Message]:
+        """The messages waiting, taken by the response (which lets the reading go on, see _read)."""
+        messages, self.pending = self.pending, []
+        if self._taken is not None and not self._taken.done():
+            self._taken.set_result(None)
+        return messages
+
     async def _read(self) -> None:
         try:
             async for message in self.call:
                 self.pending.append(message)
                 self.poke()
+                if len(self.pending) > 1:
+                    # The response is behind (its client or the loop is slow): stop reading until it takes these,
+                    # as grpc.aio's handler waits for each write, so the service merges the tokens that come
+                    # meanwhile into its next message (adaptive coalescing) instead of sending one per token.
+                    self._taken = asyncio.get_running_loop().create_future()
+                    await self._taken
             self.ended = True
         except grpc.aio.AioRpcError as e:
             self.error = e
@@ -182,8 +196,7 @@ class SSEResponse:
             frames.append(renderer.feed(self.first))
             self.first = None
         if reader.pending:
-            messages, reader.pending = reader.pending, []
-            frames.extend(renderer.feed(message) for message in messages)
+            frames.extend(renderer.feed(message) for message in reader.take())
         last = False
         if reader.done and not reader.pending:
             if reader.failure is not None:
