@@ -443,6 +443,7 @@ async def text_generation(request: Request) -> Response | SSEResponse:
         except grpc.aio.AioRpcError as e:
             return _error_response(to_dashscope(from_rpc_error(e), request_id))
         return Response(dumps(render_unary(plan, resp, request_id)), media_type="application/json")
+    renderer = StreamRenderer(plan, request_id)  # before the call: nothing may fail between it and its response
     call = (stub.Chat if plan.chat else stub.Generate)(plan.request, metadata=metadata, timeout=timeout)
     try:
         reader, first = await first_message(call, request.receive)
@@ -450,7 +451,7 @@ async def text_generation(request: Request) -> Response | SSEResponse:
         return _error_response(to_dashscope(from_rpc_error(e), request_id))
     if first is DISCONNECTED:
         return Response(status_code=499)
-    return SSEResponse(call, reader, first, StreamRenderer(plan, request_id))
+    return SSEResponse(call, reader, first, renderer)
 
 
 async def unknown_api(request: Request) -> Response:

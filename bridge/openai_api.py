@@ -234,6 +234,7 @@ def endpoint_handler(endpoint: Endpoint) -> Callable[[Request], Awaitable[Respon
             except grpc.aio.AioRpcError as e:
                 return error_response(from_rpc_error(e))
             return Response(dumps(endpoint.unary_json(resp)), media_type="application/json")
+        renderer = endpoint.renderer(req)  # before the call: nothing may fail between the call and its response
         call = getattr(stub, endpoint.stream_rpc)(req, metadata=metadata, timeout=timeout)
         try:
             reader, first = await first_message(call, request.receive)
@@ -241,6 +242,6 @@ def endpoint_handler(endpoint: Endpoint) -> Callable[[Request], Awaitable[Respon
             return error_response(from_rpc_error(e))
         if first is DISCONNECTED:
             return Response(status_code=499)  # nobody is listening any more
-        return SSEResponse(call, reader, first, endpoint.renderer(req))
+        return SSEResponse(call, reader, first, renderer)
 
     return handle
