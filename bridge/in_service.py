@@ -5,7 +5,7 @@ channel to the service, `LocalUpstream` calls the service's own servicer methods
 interceptor exactly as grpc.aio wraps them (`ServiceInterceptor.wrap_unary` / `wrap_stream`: admission, error
 mapping to a status with AIP-193 details, metrics, access log, spans). A stream's messages therefore cross no
 socket, no protobuf serialisation and no second process: per streamed token that saves the gRPC hop's send, the
-bridge's receive, and the thread wake-ups between them (README, "Front path").
+bridge's receive, and the thread wake-ups between them (README, "Benchmarks").
 
 What a call looks like to the bridge is grpc.aio's: `await stub.Method(request, metadata=, timeout=)` for a
 unary RPC, and for a server-streaming one a call to iterate and `cancel()`, both raising `grpc.aio.AioRpcError`

@@ -21,7 +21,7 @@ MODEL_LOAD_TIMEOUT_S = 900  # first run converts the bundled GGUF; a slow disk c
 # each streamed message then wakes only grpc.aio's poller thread, which reads the socket itself, where the
 # EventEngine client handed every read across its thread pool (up to four thread wake-ups per message, each
 # costing tens of microseconds on a VM). Measured: the bridge's CPU per SSE token -14% to -53% at 1-256 paced streams
-# (README, "Front path"). grpc reads GRPC_EXPERIMENTS once, when it is imported, so main() sets it before anything
+# (README, "Benchmarks"). grpc reads GRPC_EXPERIMENTS once, when it is imported, so main() sets it before anything
 # imports grpc (its workers inherit it); a GRPC_EXPERIMENTS already in the environment wins.
 BRIDGE_GRPC_EXPERIMENTS = "-event_engine_client"
 
@@ -142,7 +142,8 @@ def settings_env(settings: Settings) -> dict[str, str]:
 
 
 def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
-    """Runs service, bridge and Envoy under genrpc.supervisor (start in order, restart on crash, drain in order)."""
+    """Runs the service (serving the bridge too, or a bridge process with --bridge-process) and Envoy under
+    genrpc.supervisor (start in order, restart on crash, drain in order)."""
     from genrpc import processes
     from genrpc.envoy import config as envoy_config
     from genrpc.supervisor import ChildSpec, Supervisor
@@ -271,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     settings_module.add_arguments(serve)
     bridge = commands.add_parser("bridge", help="run the SSE bridge")
     settings_module.add_arguments(bridge)
-    up = commands.add_parser("up", help="run service + bridge + Envoy; Ctrl-C stops all")
+    up = commands.add_parser("up", help="run the service (with the bridge) and Envoy; Ctrl-C stops all")
     settings_module.add_arguments(up)
     up.add_argument("--envoy-base-id", type=int, default=0, help="Envoy --base-id (shared-memory namespace)")
     chat = commands.add_parser("chat", help="chat with the model: one answer, or interactive without a prompt")
