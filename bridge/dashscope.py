@@ -451,7 +451,7 @@ async def text_generation(request: Request) -> Response | SSEResponse:
         return _error_response(to_dashscope(from_rpc_error(e), request_id))
     if first is DISCONNECTED:
         return Response(status_code=499)
-    return SSEResponse(call, reader, first, renderer)
+    return SSEResponse(reader, first, renderer)
 
 
 async def unknown_api(request: Request) -> Response:

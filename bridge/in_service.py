@@ -24,17 +24,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import grpc
-from prometheus_client import start_http_server
 from starlette.applications import Starlette
 
 from genrpc.bridge.app import create_app
 from genrpc.bridge.health import DRAINING, LOADING, READY
-from genrpc.bridge.server import listening_socket, make_server
+from genrpc.bridge.server import make_server, serve
 from genrpc.service.server import SERVICE_NAME, GenrpcServer
 from genrpc.settings import Settings
 from genrpc.v1 import generation_service_pb2
@@ -45,11 +43,10 @@ _METHODS = generation_service_pb2.DESCRIPTOR.services_by_name["GenerationService
 
 
 class LocalContext:
-    """The part of grpc.aio's ServicerContext the servicer, the interceptor and its send watchdog use."""
+    """The part of grpc.aio's ServicerContext the interceptor, the servicer (through it) and the send watchdog use."""
 
-    def __init__(self, metadata: Sequence[tuple[str, str]], deadline: float | None):
+    def __init__(self, metadata: Sequence[tuple[str, str]]):
         self._metadata = tuple(metadata)
-        self._deadline = deadline
         self._code: grpc.StatusCode | None = None
         self._details = ""
         self._trailing: tuple[tuple[str, Any], ...] = ()
@@ -57,26 +54,12 @@ class LocalContext:
     def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
         return self._metadata
 
-    def peer(self) -> str:
-        return "in-process"
-
-    def time_remaining(self) -> float | None:
-        return None if self._deadline is None else max(0.0, self._deadline - time.monotonic())
-
-    def cancelled(self) -> bool:
-        return False
-
     def code(self) -> grpc.StatusCode | None:
         return self._code
 
-    def set_trailing_metadata(self, metadata: Sequence[tuple[str, Any]]) -> None:
-        self._trailing = tuple(metadata)
-
     async def abort(self, code: grpc.StatusCode, details: str = "",
                     trailing_metadata: Sequence[tuple[str, Any]] = ()) -> None:
-        self._code, self._details = code, details
-        if trailing_metadata:
-            self._trailing = tuple(trailing_metadata)
+        self._code, self._details, self._trailing = code, details, tuple(trailing_metadata)
         raise grpc.aio.AbortError()
 
     async def abort_with_status(self, status: grpc.Status) -> None:
@@ -92,17 +75,12 @@ def _error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
     return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details)
 
 
-def _deadline(timeout: float | None) -> float | None:
-    return None if timeout is None else time.monotonic() + timeout
-
-
 class LocalStreamCall:
     """A server-streaming call of the in-process servicer (see the module docstring)."""
 
     def __init__(self, handler: Callable[[Any, LocalContext], AsyncIterator[Any]], request: Any,
                  metadata: Sequence[tuple[str, str]], timeout: float | None):
-        deadline = _deadline(timeout)
-        self._context = LocalContext(metadata, deadline)
+        self._context = LocalContext(metadata)
         self._loop_deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
         self._replies = handler(request, self._context)
         self._running_in: asyncio.Task | None = None  # the task inside the generator now, if any
@@ -162,7 +140,7 @@ class _LocalUnary:
 
     async def __call__(self, request: Any, *, metadata: Sequence[tuple[str, str]] = (),
                        timeout: float | None = None) -> Any:
-        context = LocalContext(metadata, _deadline(timeout))
+        context = LocalContext(metadata)
         try:
             async with asyncio.timeout(timeout):
                 return await self._handler(request, context)
@@ -272,29 +250,22 @@ class LocalUpstream:
 
 class BridgeInService:
     """The bridge's app on --bridge-port, served by uvicorn in the service's event loop (a service.server.Front),
-    and its metrics on --bridge-metrics-port, as `genrpc bridge` serves them. With --service-workers every worker
-    binds the port (SO_REUSEPORT: the kernel spreads connections) and worker i serves metrics on the port + i."""
+    and its metrics on --bridge-metrics-port, as `genrpc bridge` serves them (bridge.server.serve). With
+    --service-workers every worker binds the port (SO_REUSEPORT: the kernel spreads connections) and worker i
+    serves metrics on the port + i."""
 
     def __init__(self, settings: Settings, server: GenrpcServer):
         self._settings = settings
         self.app: Starlette = create_app(settings, upstream=lambda: LocalUpstream(server))
         self._uvicorn = make_server(settings, self.app, embedded=True)
         self._task: asyncio.Task | None = None
-        self._metrics_http = None
-        self.metrics_port: int | None = None
 
     @property
     def port(self) -> int:
         return self._uvicorn.servers[0].sockets[0].getsockname()[1]
 
     async def start(self) -> None:
-        if self._settings.bridge_metrics_port >= 0:  # where `genrpc bridge` serves them: one scrape config
-            self._metrics_http, _ = start_http_server(self._settings.bridge_metrics_port, addr=self._settings.host,
-                                                      registry=self.app.state.metrics.registry)
-            self.metrics_port = self._metrics_http.server_port
-        sock = listening_socket(self._settings.host, self._settings.bridge_port,
-                                reuse_port=bool(self._settings.worker_of))
-        self._task = asyncio.create_task(self._uvicorn.serve(sockets=[sock]), name="bridge-in-service")
+        self._task = asyncio.create_task(serve(self._settings, self._uvicorn), name="bridge-in-service")
         while not self._uvicorn.started:
             if self._task.done():
                 self._task.result()  # a failed start raises here
@@ -308,6 +279,3 @@ class BridgeInService:
         self._uvicorn.config.timeout_graceful_shutdown = grace_s
         self._uvicorn.should_exit = True
         await self._task
-        if self._metrics_http is not None:
-            self._metrics_http.shutdown()
-            self._metrics_http.server_close()

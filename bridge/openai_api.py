@@ -242,6 +242,6 @@ def endpoint_handler(endpoint: Endpoint) -> Callable[[Request], Awaitable[Respon
             return error_response(from_rpc_error(e))
         if first is DISCONNECTED:
             return Response(status_code=499)  # nobody is listening any more
-        return SSEResponse(call, reader, first, renderer)
+        return SSEResponse(reader, first, renderer)
 
     return handle

@@ -61,10 +61,10 @@ def listening_socket(host: str, port: int, *, reuse_port: bool = False) -> socke
     return sock
 
 
-async def serve(settings: Settings) -> None:
-    """Serves the bridge until stopped (SIGINT/SIGTERM, or the task being cancelled), and its Prometheus metrics
-    on --bridge-metrics-port (-1 = off)."""
-    server = make_server(settings)
+async def serve(settings: Settings, server: uvicorn.Server | None = None) -> None:
+    """Serves the bridge (`server`, default `make_server(settings)`) until stopped (SIGINT/SIGTERM, `should_exit`,
+    or the task being cancelled), and its Prometheus metrics on --bridge-metrics-port (-1 = off)."""
+    server = server or make_server(settings)
     metrics_http = None
     if settings.bridge_metrics_port >= 0:
         metrics_http, _ = start_http_server(settings.bridge_metrics_port, addr=settings.host,

@@ -178,8 +178,8 @@ async def first_message(call: Any, receive: Receive) -> tuple[CallReader, Any]:
 class SSEResponse:
     """ASGI response streaming the rest of a call (read by `reader`) through `renderer`."""
 
-    def __init__(self, call: Any, reader: CallReader, first: Message | None, renderer: Renderer):
-        self.call, self.reader, self.first, self.renderer = call, reader, first, renderer
+    def __init__(self, reader: CallReader, first: Message | None, renderer: Renderer):
+        self.reader, self.first, self.renderer = reader, first, renderer
         self._disconnected = False
 
     async def _watch_disconnect(self, receive: Receive) -> None:

@@ -272,7 +272,7 @@ async def _run_sse(messages: Any, gate: asyncio.Event | None = None) -> list[dic
 
     call = _Call(messages)
     reader, first = await first_message(call, receive)
-    await SSEResponse(call, reader, first, _Renderer())({"type": "http"}, receive, send)
+    await SSEResponse(reader, first, _Renderer())({"type": "http"}, receive, send)
     return sent
 
 

@@ -29,14 +29,14 @@ async def _wait_for(predicate, timeout_s: float = 10.0) -> None:
 @pytest.fixture
 async def front():
     engine = ScriptedEngine(reply="Hello world! " * 40, context_length=4096, step_delay_s=0.01)
-    settings = Settings(grpc_port=0, metrics_port=-1, bridge_port=free_port(), bridge_metrics_port=0,
+    settings = Settings(grpc_port=0, metrics_port=-1, bridge_port=free_port(), bridge_metrics_port=free_port(),
                         max_batch_size=2, max_queue=1, log_level="warning")
     server, _ = create_server(settings, engine)
     bridge = BridgeInService(settings, server)
     server.fronts.append(bridge)
     await server.start()
     try:
-        yield server, engine, f"http://127.0.0.1:{bridge.port}", f"http://127.0.0.1:{bridge.metrics_port}/metrics"
+        yield server, engine, f"http://127.0.0.1:{bridge.port}", f"http://127.0.0.1:{settings.bridge_metrics_port}/metrics"
     finally:
         await server.stop(0)
 

@@ -310,7 +310,14 @@ class LlamaCppEngine:
             raise FileNotFoundError(f"model not found: {gguf} (the llama.cpp engine serves a .gguf file)")
         t0 = time.perf_counter()
         self._tokenizer, metadata = await asyncio.to_thread(load_cached, gguf, self._config.cache_dir)
-        self._server, context = await asyncio.to_thread(self._load, metadata)
+        # Built on a thread of its own whose nice value its threads inherit (llama-server's loop and ggml's pool);
+        # an unprivileged process cannot lower a thread's nice value again, so not on a shared pool thread.
+        loader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="llamacpp-load",
+                                                       initializer=self._lower_priority)
+        try:
+            self._server, context = await asyncio.get_running_loop().run_in_executor(loader, self._load, metadata)
+        finally:
+            loader.shutdown(wait=False)  # a start cancelled meanwhile must not block the loop on the load
         self._slot_free = asyncio.Condition()
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=self._config.slots,
                                                                thread_name_prefix="llamacpp")
@@ -325,26 +332,18 @@ class LlamaCppEngine:
         import xllamacpp
 
         context = self._config.context_length or int(metadata.get("context_length") or 4096)
-        params = server_params(self._config, context)
-        built: dict[str, Any] = {}
+        try:
+            server = xllamacpp.Server(server_params(self._config, context))
+        except RuntimeError as exc:
+            raise RuntimeError(f"llama.cpp could not load {self._config.gguf_path}: {exc}") from exc
+        return server, context
 
-        def build() -> None:
-            # A thread's nice value is inherited by the threads it starts: llama-server's loop and ggml's compute
-            # threads, started by the constructor, all get it; the service's own threads keep theirs.
-            if self._config.nice:
-                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(),
-                               os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) + self._config.nice)
-            try:
-                built["server"] = xllamacpp.Server(params)
-            except RuntimeError as exc:
-                built["error"] = exc
-
-        builder = threading.Thread(target=build, name="llamacpp-load")
-        builder.start()
-        builder.join()
-        if "error" in built:
-            raise RuntimeError(f"llama.cpp could not load {self._config.gguf_path}: {built['error']}") from built["error"]
-        return built["server"], context
+    def _lower_priority(self) -> None:
+        """Adds `nice` to the calling thread's nice value; the threads it starts inherit it (the service's own
+        threads keep theirs)."""
+        if self._config.nice:
+            tid = threading.get_native_id()
+            os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + self._config.nice)
 
     async def _warm_up(self) -> None:
         prompt = self.tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}])
