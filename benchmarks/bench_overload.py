@@ -5,7 +5,7 @@ how many were admitted and completed, the 5xx count (must be 0) and the highest 
     .venv/bin/python benchmarks/bench_overload.py --slots 16 --queue 256 --factor 4 --max-tokens 8 --rounds 3
 
 Each side (`--sides`: values of --envoy-max-requests, default 0 = the service decides alone and -1 = Envoy also
-refuses a path's excess past capacity + 16) gets its own `genrpc up` on free loopback ports, stopped at its end;
+refuses the excess past capacity, all paths counted together) gets its own `genrpc up` on free loopback ports, stopped at its end;
 the sides take turns round by round, and the summary gives medians over the rounds.
 """
 
@@ -90,7 +90,7 @@ def main() -> None:
     parser.add_argument("--probes", type=int, default=20, help="sequential probes per path while the server is full")
     parser.add_argument("--sides", default="0,-1", help="--envoy-max-requests values to run in turn, one stack each "
                                                         "(0: the service decides alone; -1: Envoy refuses the "
-                                                        "excess past capacity + 16 itself)")
+                                                        "excess past capacity itself, all paths together)")
     parser.add_argument("--rounds", type=int, default=1, help="rounds of every side, taking turns; the summary "
                                                                  "gives medians over the rounds")
     args = parser.parse_args()

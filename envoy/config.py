@@ -35,6 +35,10 @@ AFFINITY_HEADER = "x-genrpc-affinity"
 HEALTH_SERVICE = SERVICE_NAME  # grpc.health.v1 service name Envoy checks (NOT_SERVING while loading or draining)
 DEFAULT_HEALTH_CHECK_INTERVAL_S = 2.0
 BRIDGE_CLUSTER = "genrpc_bridge"
+# Gateway admission: every generating request goes through ADMISSION_CLUSTER (max_requests = envoy_max_requests,
+# shared by all paths) to the internal listener ADMISSION_LISTENER, which routes it on to the service or the bridge.
+ADMISSION_CLUSTER = "genrpc_admission"
+ADMISSION_LISTENER = "genrpc_admitted"
 ADMIN_CLUSTER = "envoy_admin"  # the stats listener's route to /stats/prometheus
 METADATA_NAMESPACE = "genrpc"
 TRANSCODER = "envoy.filters.http.grpc_json_transcoder"
@@ -71,15 +75,20 @@ BRIDGE_RCVBUF_BYTES = 64 * 1024
 # service's writes wait, so a native gRPC client that stopped reading stalls the service's writes after this and
 # the service's send timeout (--send-timeout-s) cuts it. Far above what a stream of tokens needs in flight.
 SERVICE_STREAM_WINDOW_BYTES = 1024 * 1024
-# The RPCs that generate (the servicer's @within_capacity methods): their routes carry the clusters' DEFAULT
-# priority, whose max_requests is the gateway's admission limit; every other request is HIGH priority.
+# The HTTP/2 stream window of the admission hop (Envoy's minimum): adds that little to what a stalled client leaves
+# in flight.
+ADMISSION_STREAM_WINDOW_BYTES = 65535
+# Requests per connection to the internal listener: below the 250 early resets (half of Envoy's default
+# overload.premature_reset_total_stream_count) after which its HTTP/2 rapid-reset protection closes a connection.
+ADMISSION_REQUESTS_PER_CONNECTION = 200
+# The RPCs that generate (the servicer's @within_capacity methods): their routes go through the admission cluster.
 GENERATING_METHODS = ("Chat", "Generate", "CreateChatCompletion", "CreateCompletion", "CreateResponse",
                       "StreamResponse")
-# The clusters' ceiling on connections and requests in flight per priority (the generating routes' when no
-# admission limit is set).
+# The clusters' ceiling on connections and requests in flight (the admission cluster's when no admission limit is
+# set).
 REQUEST_CEILING = 4096
-GATEWAY_FULL_MESSAGE = ("The server is at capacity: the gateway lets at most {limit} generating requests per path "
-                        "through at once (limit envoy_max_requests = {limit}). Retry after a second.")
+GATEWAY_FULL_MESSAGE = ("The server is at capacity: the gateway lets at most {limit} generating requests through at "
+                        "once (limit envoy_max_requests = {limit}). Retry after a second.")
 RATE_LIMIT_MESSAGE = "Rate limit reached: this endpoint allows {rps} requests per second. Retry after a second."
 CLIENT_RATE_LIMIT_MESSAGE = ("Rate limit reached for client {client}: {rps} requests per second (rps in the API keys "
                              "file). Retry after a second.")
@@ -194,8 +203,8 @@ def render(*, listen_host: str, listen_port: int, admin_port: int, grpc_host: st
     origins such as "https://app.example.com", enables CORS (empty = none); rate_limit_rps: local token bucket per
     Envoy process, burst = rps (0 = off); client_limits: per-client-id limits from the keys file (their rps
     replaces rate_limit_rps for that client); tls: serve TLS (and mTLS) on the listener; max_generating_requests:
-    generating requests each cluster (the service's, the bridge's) takes at once before Envoy refuses the next
-    itself with 429 / RESOURCE_EXHAUSTED (0 = Envoy's ceiling, REQUEST_CEILING).
+    generating requests (all paths together) Envoy lets through at once before it refuses the next itself with
+    429 / RESOURCE_EXHAUSTED (0 = Envoy's ceiling, REQUEST_CEILING).
     Slow clients: request_headers_timeout_s (headers must arrive within it, 408 otherwise),
     request_timeout_s (the whole request body; disarmed once the request is upstream or the response started, so
     streams are not cut), idle_timeout_s (a connection without streams is closed).
@@ -229,7 +238,9 @@ def render(*, listen_host: str, listen_port: int, admin_port: int, grpc_host: st
                   _cluster(BRIDGE_CLUSTER, [(bridge_host, bridge_port)], http2=False, lb_policy="ROUND_ROBIN",
                            buffer_bytes=CONNECTION_BUFFER_BYTES)],
         grpc_cluster=GRPC_CLUSTER, affinity_cluster=AFFINITY_CLUSTER, affinity_header=AFFINITY_HEADER,
-        bridge_cluster=BRIDGE_CLUSTER, health_service=HEALTH_SERVICE,
+        bridge_cluster=BRIDGE_CLUSTER, health_service=HEALTH_SERVICE, admission_cluster=ADMISSION_CLUSTER,
+        admission_listener=ADMISSION_LISTENER, admission_stream_window_bytes=ADMISSION_STREAM_WINDOW_BYTES,
+        admission_requests_per_connection=ADMISSION_REQUESTS_PER_CONNECTION,
         health_check_interval_s=_duration(health_check_interval_s),
         health_check_timeout_s=_duration(min(health_check_interval_s, 5.0)), descriptor_path=str(descriptor_path),
         service_name=SERVICE_NAME, transcoder_name=TRANSCODER, metadata_namespace=METADATA_NAMESPACE,

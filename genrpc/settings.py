@@ -21,9 +21,6 @@ def default_cache_dir() -> pathlib.Path:
     return pathlib.Path(os.environ.get("XDG_CACHE_HOME", pathlib.Path.home() / ".cache")) / "genrpc"
 
 
-# Requests Envoy lets through beyond the service's capacity: ones that hold none while in flight.
-GATEWAY_ADMISSION_MARGIN = 16
-
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="GENRPC_", extra="forbid")
@@ -53,12 +50,11 @@ class Settings(BaseSettings):
                                                                   "grpc.health.v1 status (a NOT_SERVING replica gets "
                                                                   "no new requests within two intervals)")
     envoy_max_requests: int = Field(
-        -1, ge=-1, description="Envoy admission: generating requests each path (native gRPC and unary REST to the "
-                               "service; streams and DashScope to the bridge) may have in flight; beyond it Envoy "
-                               "itself answers 429 / RESOURCE_EXHAUSTED with retry-after, before any bridge or "
-                               "service work (the service still decides exactly below it). -1 = the local "
-                               "service's capacity, service_workers x (max_batch_size + max_queue) + "
-                               f"{GATEWAY_ADMISSION_MARGIN}, when --grpc-upstreams is empty, else 0; 0 = Envoy's "
+        -1, ge=-1, description="Envoy admission: generating requests (native gRPC, REST, SSE streams and DashScope "
+                               "together) Envoy lets through at once; beyond it Envoy itself answers 429 / "
+                               "RESOURCE_EXHAUSTED with retry-after, before any bridge or service work (the service "
+                               "still decides exactly below it). -1 = the local service's capacity, service_workers x "
+                               "(max_batch_size + max_queue), when --grpc-upstreams is empty, else 0; 0 = Envoy's "
                                "ceiling of 4096")
     rate_limit_rps: int = Field(0, description="Envoy rate limit: requests per second per Envoy process, burst the "
                                                "same; beyond it REST gets 429, gRPC RESOURCE_EXHAUSTED (0 = off)")
@@ -178,13 +174,16 @@ class Settings(BaseSettings):
         return self.grpc_target or f"{self.host}:{self.grpc_port}"
 
     def gateway_admission_limit(self) -> int:
-        """envoy_max_requests resolved: -1 (auto) is the local service's capacity plus a margin for requests that
-        hold none (being refused as invalid, finishing) when Envoy fronts only it, else 0 (Envoy's ceiling)."""
+        """envoy_max_requests resolved: -1 (auto) is the local service's capacity when Envoy fronts only it, else 0
+        (Envoy's ceiling). Exactly the capacity: Envoy stops counting a stream only after the service has freed its
+        slot, so it never lets through a request the service would refuse for capacity, and a burst's excess is all
+        refused by Envoy (a request that holds no slot while in flight, such as an invalid one being refused, still
+        counts there: at full capacity Envoy may refuse for a moment what the service had room for)."""
         if self.envoy_max_requests >= 0:
             return self.envoy_max_requests
         if self.grpc_upstreams.strip():
             return 0
-        return self.service_workers * (self.max_batch_size + self.max_queue) + GATEWAY_ADMISSION_MARGIN
+        return self.service_workers * (self.max_batch_size + self.max_queue)
 
     def cors_origins(self) -> list[str]:
         return [o.strip() for o in self.cors_allowed_origins.split(",") if o.strip()]

@@ -40,7 +40,7 @@ def test_bench_front_prints_a_row_per_path() -> None:
 
 
 def test_bench_overload_reports_refusals() -> None:
-    # two sides: the service deciding alone (0), and Envoy refusing past 1 request per path itself
+    # two sides: the service deciding alone (0), and Envoy refusing past 1 request (all paths together) itself
     out = run("bench_overload.py", "--slots", "2", "--queue", "2", "--factor", "3", "--max-tokens", "4",
               "--probes", "2", "--sides", "0,1")
     assert len(re.findall(r"refused 429/RESOURCE_EXHAUSTED: [1-9]", out)) == 2, out

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from typing import Any
 
 import grpc
@@ -778,34 +779,53 @@ async def test_rate_limit(tmp_path, backend, bridge):
 
 
 def test_gateway_admission_limit_follows_the_settings_and_the_generating_rpcs():
-    """Envoy's generating routes are exactly the servicer's @within_capacity methods; their clusters' DEFAULT
-    max_requests is envoy_max_requests, by default the local service's capacity plus a margin, and off (Envoy's
-    ceiling) when Envoy fronts other replicas whose capacity it cannot know."""
+    """Every generating route (exactly the servicer's @within_capacity methods, SSE streams and DashScope) goes
+    through one admission cluster whose max_requests is envoy_max_requests (by default the local service's
+    capacity; off, Envoy's ceiling, when Envoy fronts other replicas whose capacity it cannot know), to the internal
+    listener that sends it on; nothing else passes there, and the real clusters never refuse."""
     from genrpc import cli
     from genrpc.service.servicer import GenerationServicer
-    from genrpc.settings import GATEWAY_ADMISSION_MARGIN
 
     holds = {name for name in dir(GenerationServicer) if getattr(getattr(GenerationServicer, name), "holds_capacity", False)}
     assert holds == set(envoy_config.GENERATING_METHODS)
 
-    def default_limits(settings: Settings) -> set[int]:
+    def limits(settings: Settings) -> dict[str, set[int]]:
         clusters = yaml.safe_load(cli.envoy_yaml(settings))["static_resources"]["clusters"]
-        return {t["max_requests"] for c in clusters for t in c.get("circuit_breakers", {}).get("thresholds", [])
-                if t["priority"] == "DEFAULT"}
+        return {c["name"]: {t["max_requests"] for t in c["circuit_breakers"]["thresholds"]}
+                for c in clusters if "circuit_breakers" in c}
 
-    assert default_limits(Settings()) == {16 + 256 + GATEWAY_ADMISSION_MARGIN}
-    assert default_limits(Settings(max_batch_size=4, max_queue=10, service_workers=2)) == {
-        2 * 14 + GATEWAY_ADMISSION_MARGIN}
-    assert default_limits(Settings(envoy_max_requests=7)) == {7}
-    assert default_limits(Settings(envoy_max_requests=0)) == {envoy_config.REQUEST_CEILING}
-    assert default_limits(Settings(grpc_upstreams="genrpc-service:50051")) == {envoy_config.REQUEST_CEILING}
+    def admission_limit(settings: Settings) -> int:
+        found = limits(settings)
+        [limit] = found.pop(envoy_config.ADMISSION_CLUSTER)
+        assert all(values == {envoy_config.REQUEST_CEILING} for values in found.values()), found
+        return limit
+
+    assert admission_limit(Settings()) == 16 + 256
+    assert admission_limit(Settings(max_batch_size=4, max_queue=10, service_workers=2)) == 2 * 14
+    assert admission_limit(Settings(envoy_max_requests=7)) == 7
+    assert admission_limit(Settings(envoy_max_requests=0)) == envoy_config.REQUEST_CEILING
+    assert admission_limit(Settings(grpc_upstreams="genrpc-service:50051")) == envoy_config.REQUEST_CEILING
     # a retry that overflows max_retries is flagged UO too, and would get the admission 429 with nothing full
     # (a draining replica's refusals are retried several at once)
     for settings in (Settings(), Settings(envoy_max_requests=7), Settings(grpc_upstreams="genrpc-service:50051")):
         clusters = yaml.safe_load(cli.envoy_yaml(settings))["static_resources"]["clusters"]
         thresholds = [t for c in clusters for t in c.get("circuit_breakers", {}).get("thresholds", [])]
         assert thresholds and all(t["max_retries"] >= t["max_requests"] for t in thresholds), thresholds
+    config = yaml.safe_load(cli.envoy_yaml(Settings()))
     routes = _hcm(cli.envoy_yaml(Settings()))["route_config"]["virtual_hosts"][0]["routes"]
-    high = {r["name"] for r in routes if r.get("route", {}).get("priority") == "HIGH"}
-    assert {"grpc", "grpc_affinity", "health", "health_ready", "playground", "index"} <= high
-    assert not {"generate", "generate_affinity", "stream", "dashscope"} & high
+    admitted = {r["name"] for r in routes if r.get("route", {}).get("cluster") == envoy_config.ADMISSION_CLUSTER}
+    assert admitted == {"generate", "stream", "dashscope"}
+    [generate] = [r for r in routes if r["name"] == "generate"]
+    generating = [h for h in generate["match"]["headers"] if h["name"] == ":path"][0]["string_match"]["safe_regex"]
+    assert all(re.fullmatch(generating["regex"], f"/{envoy_config.SERVICE_NAME}/{m}") for m in holds)
+    # the internal listener sends them on as the public listener does the rest, with the same error shapes
+    [internal] = [listener for listener in config["static_resources"]["listeners"]
+                  if listener["name"] == envoy_config.ADMISSION_LISTENER]
+    assert "internal_listener" in internal and "address" not in internal
+    inner = internal["filter_chains"][0]["filters"][0]["typed_config"]
+    assert {r["route"]["cluster"] for r in inner["route_config"]["virtual_hosts"][0]["routes"]} == {
+        envoy_config.GRPC_CLUSTER, envoy_config.AFFINITY_CLUSTER, envoy_config.BRIDGE_CLUSTER}
+    assert inner["local_reply_config"] == _hcm(cli.envoy_yaml(Settings()))["local_reply_config"]
+    [admission] = [c for c in config["static_resources"]["clusters"] if c["name"] == envoy_config.ADMISSION_CLUSTER]
+    [endpoint] = admission["load_assignment"]["endpoints"][0]["lb_endpoints"]
+    assert endpoint["endpoint"]["address"] == {"envoy_internal_address": {"server_listener_name": envoy_config.ADMISSION_LISTENER}}

@@ -27,8 +27,10 @@ MESSAGES = [{"role": "user", "content": "Count from one to ten."}]
 
 @pytest.fixture(scope="module")
 def small_stack(tmp_path_factory):
+    # Envoy's admission off (its ceiling): the service decides every request (the gateway's own: gated_stack)
     with running_stack(tmp_path_factory.mktemp("overload"), {
-            "GENRPC_MAX_BATCH_SIZE": str(SLOTS), "GENRPC_MAX_QUEUE": str(QUEUE)}) as running:
+            "GENRPC_MAX_BATCH_SIZE": str(SLOTS), "GENRPC_MAX_QUEUE": str(QUEUE),
+            "GENRPC_ENVOY_MAX_REQUESTS": "0"}) as running:
         yield running
 
 
@@ -104,7 +106,7 @@ def test_overload_refuses_the_excess_quickly_and_completes_the_rest(small_stack)
     assert watch.max_waiting <= QUEUE and watch.max_running <= SLOTS
 
 
-# ---- gateway admission: Envoy refuses a path's excess itself (envoy_max_requests) ---------------------------------
+# ---- gateway admission: Envoy refuses the excess of all paths together itself (envoy_max_requests) ----------------
 
 GATEWAY_LIMIT = 2
 
@@ -125,12 +127,12 @@ async def test_gateway_refuses_past_its_limit_in_every_shape_and_answers_the_res
             grpc.aio.insecure_channel(stack.envoy_address) as channel:
         stub = generation_service_pb2_grpc.GenerationServiceStub(channel)
         request = json_format.ParseDict(long_chat, chat_pb2.ChatCompletionRequest())
-        # fill both paths: GATEWAY_LIMIT gRPC streams (the service's cluster), GATEWAY_LIMIT SSE streams (the bridge's)
-        calls = [stub.Chat(request) for _ in range(GATEWAY_LIMIT)]
+        # fill the gateway's one count with a gRPC stream and an SSE stream: every path is then refused
+        calls = [stub.Chat(request) for _ in range(GATEWAY_LIMIT // 2)]
         for call in calls:
             assert (await call.read()).choices is not None
         sse = [client.stream("POST", "/v1/chat/completions", json={**long_chat, "stream": True})
-               for _ in range(GATEWAY_LIMIT)]
+               for _ in range(GATEWAY_LIMIT - len(calls))]
         responses = [await s.__aenter__() for s in sse]
         frames = [response.aiter_lines() for response in responses]  # held: a dropped iterator closes its stream
         for response, lines in zip(responses, frames):
@@ -149,7 +151,7 @@ async def test_gateway_refuses_past_its_limit_in_every_shape_and_answers_the_res
             assert status.details[0].Unpack(info) and status.details[1].Unpack(retry)
             assert info.reason == "SERVER_OVERLOADED" and info.metadata["limit"] == "envoy_max_requests"
             assert retry.retry_delay.seconds == 1
-            # unary REST (the service's cluster) and SSE (the bridge's): 429, retry-after, OpenAI's shape
+            # unary REST and SSE: 429, retry-after, OpenAI's shape
             for body in ({**long_chat, "max_tokens": 1}, {**long_chat, "stream": True}):
                 refused = await client.post("/v1/chat/completions", json=body)
                 assert refused.status_code == 429, (body.get("stream"), refused.text)
@@ -157,7 +159,7 @@ async def test_gateway_refuses_past_its_limit_in_every_shape_and_answers_the_res
                 assert refused.json()["error"] == {
                     "message": GATEWAY_FULL_MESSAGE.format(limit=GATEWAY_LIMIT), "type": "rate_limit_error", "param": None,
                     "code": "server_overloaded"}
-            # DashScope's route (the bridge's): its own error shape
+            # DashScope's route: its own error shape
             refused = await client.post("/api/v1/services/aigc/text-generation/generation", json={
                 "model": stack.model, "input": {"messages": MESSAGES}, "parameters": {"max_tokens": 1}})
             assert refused.status_code == 429 and refused.json()["code"] == "Throttling", refused.text
