@@ -208,7 +208,7 @@ class SSEResponse:
             elif reader.ended:
                 frames.append(renderer.finish())
                 last = True
-        return (frames[0] if len(frames) == 1 else b"".join(frames)), last
+        return b"".join(frames), last  # one frame: that frame itself, no copy
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         app = scope.get("app")

@@ -21,7 +21,6 @@ def default_cache_dir() -> pathlib.Path:
     return pathlib.Path(os.environ.get("XDG_CACHE_HOME", pathlib.Path.home() / ".cache")) / "genrpc"
 
 
-
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="GENRPC_", extra="forbid")
 
